@@ -1,0 +1,114 @@
+"""Shared argument checks and layout helpers for the collectives."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from topo.communicators.base import REDUCE_OPS, ReduceOp
+from topo.communicators.gloo import GLOO_REDUCE_DTYPES
+from topo.communicators.nccl_types import NCCL_REDUCE_DTYPES
+
+_REDUCE_DTYPES = {"cpu": GLOO_REDUCE_DTYPES, "cuda": NCCL_REDUCE_DTYPES}
+_BACKEND = {"cpu": "gloo", "cuda": "NCCL"}
+
+
+def check_tensor(x: object, operation: str, name: str = "x") -> torch.Tensor:
+    """``x`` if it is a tensor on a supported device; else a TypeError/ValueError."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"topo.{operation} {name} requires a torch.Tensor, but got {type(x).__name__}"
+        )
+    if x.device.type not in _BACKEND:
+        raise ValueError(
+            f"topo.{operation} {name} requires a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) "
+            f"device, but got {x.device}; move it with .cpu() or .cuda()"
+        )
+    return x
+
+
+def check_reduce(x: torch.Tensor, op: object, operation: str) -> ReduceOp:
+    """Validate ``op`` and that ``x``'s dtype can be reduced on its device."""
+    if op not in REDUCE_OPS:
+        raise ValueError(
+            f"topo.{operation} op requires one of {', '.join(map(repr, REDUCE_OPS))}, but got "
+            f"{op!r}"
+        )
+    device = x.device.type
+    if x.dtype not in _REDUCE_DTYPES[device]:
+        valid = ", ".join(sorted(str(d).removeprefix("torch.") for d in _REDUCE_DTYPES[device]))
+        raise TypeError(
+            f"topo.{operation} x requires a dtype {_BACKEND[device]} can reduce ({valid}), but "
+            f"got {x.dtype}; cast it first (e.g. x.float())"
+        )
+    if op == "avg" and not x.dtype.is_floating_point:
+        raise TypeError(
+            f"topo.{operation} op='avg' requires a floating-point tensor, but got {x.dtype}; "
+            f"use op='sum' and divide, or cast to float"
+        )
+    return op  # type: ignore[return-value]
+
+
+def check_dim(x: torch.Tensor, dim: object, operation: str, name: str = "dim") -> int:
+    """``dim`` normalized to ``0 <= dim < x.dim()``."""
+    if isinstance(dim, bool):
+        raise TypeError(f"topo.{operation} {name} requires an int, but got the bool {dim!r}")
+    try:
+        d = operator.index(dim)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"topo.{operation} {name} requires an int, but got {type(dim).__name__} {dim!r}"
+        ) from None
+    ndim = x.dim()
+    if ndim == 0:
+        raise ValueError(
+            f"topo.{operation} x requires at least one dimension for {name}, but got a 0-d "
+            f"tensor; use x.reshape(1)"
+        )
+    if not -ndim <= d < ndim:
+        raise ValueError(
+            f"topo.{operation} {name} requires {-ndim} <= {name} < {ndim} for a {ndim}-d tensor, "
+            f"but got {d}"
+        )
+    return d % ndim
+
+
+def check_index(value: object, size: int, operation: str, name: str, axis: object) -> int:
+    """An index within the axis group (``src``/``dst``), ``0 <= value < size``."""
+    if isinstance(value, bool):
+        raise TypeError(f"topo.{operation} {name} requires an int, but got the bool {value!r}")
+    try:
+        i = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"topo.{operation} {name} requires an int index within axis {axis!r}, but got "
+            f"{type(value).__name__} {value!r}"
+        ) from None
+    if not 0 <= i < size:
+        raise ValueError(
+            f"topo.{operation} {name} requires 0 <= {name} < {size} (an index within axis "
+            f"{axis!r} of size {size}, not a global rank), but got {i}"
+        )
+    return i
+
+
+def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object) -> torch.Tensor:
+    """Split ``x`` into ``n`` equal chunks along ``dim``, stacked on a new contiguous dim 0."""
+    length = x.shape[dim]
+    if length % n:
+        raise ValueError(
+            f"topo.{operation} requires x.shape[{dim}] divisible by the size {n} of axis "
+            f"{axis!r}, but got x.shape[{dim}] = {length}; pad or choose another dim"
+        )
+    shape = (*x.shape[:dim], n, length // n, *x.shape[dim + 1 :])
+    return x.reshape(shape).movedim(dim, 0).contiguous()
+
+
+def concat_chunks(stacked: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate the chunks of a stacked ``(n, *s)`` tensor along ``dim`` of ``s``."""
+    n, *shape = stacked.shape
+    shape[dim] *= n
+    if dim == 0:
+        return stacked.reshape(shape)
+    return stacked.movedim(0, dim).reshape(shape)

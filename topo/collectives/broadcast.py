@@ -1,0 +1,51 @@
+"""One-to-all: broadcast and scatter."""
+
+from __future__ import annotations
+
+import torch
+
+from topo.collectives._common import check_dim, check_index, check_tensor, stack_chunks
+from topo.context import find_context
+from topo.mesh import Axis
+
+__all__ = ["broadcast", "scatter"]
+
+
+def broadcast(x: torch.Tensor, axis: Axis, src: int = 0) -> torch.Tensor:
+    """Every rank of ``axis`` gets index ``src``'s ``x`` (``src`` is an index within the axis).
+
+    Every rank passes a tensor of the same shape and dtype; only ``src``'s values are used.
+
+    Example::
+
+        with DeviceMesh(dp=2, tp=2).activate():
+            w = topo.broadcast(weights, axis="dp", src=0)
+    """
+    ctx, names, n = find_context(axis, "broadcast")
+    check_tensor(x, "broadcast")
+    root = check_index(src, n, "broadcast", "src", axis)
+    if n == 1:
+        return x.clone(memory_format=torch.contiguous_format)
+    return ctx.communicator(names, x.device.type).broadcast(x.contiguous(), root)
+
+
+def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Tensor:
+    """Split index ``src``'s ``x`` into ``n`` chunks along ``dim``; index ``i`` gets chunk ``i``.
+
+    Every rank passes a tensor of the same shape and dtype; only ``src``'s values are used.
+    ``x.shape[dim]`` must be divisible by the axis size.
+
+    Example::
+
+        with DeviceMesh(tp=2).activate():
+            y = topo.scatter(torch.arange(4), axis="tp", src=1)
+            # index 0: tensor([0, 1]); index 1: tensor([2, 3])
+    """
+    ctx, names, n = find_context(axis, "scatter")
+    check_tensor(x, "scatter")
+    d = check_dim(x, dim, "scatter")
+    root = check_index(src, n, "scatter", "src", axis)
+    stacked = stack_chunks(x, d, n, "scatter", axis)
+    if n == 1:
+        return stacked[0].clone()
+    return ctx.communicator(names, x.device.type).scatter(stacked, root)

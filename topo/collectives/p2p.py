@@ -1,0 +1,166 @@
+"""Point-to-point: send, recv, ppermute and shift (pipeline neighbours)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from topo.collectives._common import check_index, check_tensor
+from topo.context import MeshContext, find_context
+from topo.mesh import Axis
+
+__all__ = ["ppermute", "recv", "send", "shift"]
+
+
+def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
+    """Send ``x`` to index ``dst`` of ``axis``; that rank must call :func:`recv` with this
+    rank's index as ``src`` and ``x``'s shape and dtype.
+
+    Example::
+
+        with DeviceMesh(pp=2).activate():
+            if topo.axis_index("pp") == 0:
+                topo.send(activations, axis="pp", dst=1)
+    """
+    ctx, names, n = find_context(axis, "send")
+    check_tensor(x, "send")
+    peer = check_index(dst, n, "send", "dst", axis)
+    me = ctx.axis_index(names)
+    if peer == me:
+        raise ValueError(
+            f"topo.send dst requires another index than this rank's own ({me}) along axis "
+            f"{axis!r}, but got {peer}"
+        )
+    comm = ctx.pair_communicator(names, peer, x.device.type)
+    comm.exchange([(1 - comm.index, x.contiguous())], [])
+
+
+def recv(
+    shape: Sequence[int] | torch.Size,
+    dtype: torch.dtype,
+    axis: Axis,
+    src: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Receive a tensor of ``shape`` and ``dtype`` from index ``src`` of ``axis``.
+
+    Example::
+
+        with DeviceMesh(pp=2).activate():
+            if topo.axis_index("pp") == 1:
+                acts = topo.recv((4, 1024), torch.bfloat16, axis="pp", src=0)
+    """
+    ctx, names, n = find_context(axis, "recv")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"topo.recv dtype requires a torch.dtype, but got {type(dtype).__name__}")
+    buffer = check_tensor(torch.empty(tuple(shape), dtype=dtype, device=device), "recv", "device")
+    peer = check_index(src, n, "recv", "src", axis)
+    me = ctx.axis_index(names)
+    if peer == me:
+        raise ValueError(
+            f"topo.recv src requires another index than this rank's own ({me}) along axis "
+            f"{axis!r}, but got {peer}"
+        )
+    comm = ctx.pair_communicator(names, peer, buffer.device.type)
+    comm.exchange([], [(1 - comm.index, buffer)])
+    return buffer
+
+
+def _check_perm(perm: object, n: int, axis: Axis) -> list[tuple[int, int]]:
+    if not isinstance(perm, (list, tuple)):
+        raise TypeError(
+            f"topo.ppermute perm requires a sequence of (src, dst) index pairs, but got "
+            f"{type(perm).__name__}"
+        )
+    pairs: list[tuple[int, int]] = []
+    sources: set[int] = set()
+    targets: set[int] = set()
+    for pair in perm:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(
+                f"topo.ppermute perm requires (src, dst) pairs, but got the element {pair!r}"
+            )
+        s = check_index(pair[0], n, "ppermute", "perm src", axis)
+        d = check_index(pair[1], n, "ppermute", "perm dst", axis)
+        if s in sources or d in targets:
+            raise ValueError(
+                f"topo.ppermute perm requires each index at most once as a source and once as a "
+                f"destination, but got {s if s in sources else d} twice in {list(perm)}"
+            )
+        sources.add(s)
+        targets.add(d)
+        pairs.append((s, d))
+    return pairs
+
+
+def ppermute(x: torch.Tensor, axis: Axis, perm: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Send ``x`` along the ``(src, dst)`` index pairs of ``perm`` (JAX semantics).
+
+    Index ``dst`` gets ``src``'s ``x``; an index that is no pair's destination gets zeros.
+
+    Example::
+
+        with DeviceMesh(pp=4).activate():
+            # a ring: index i gets index i-1's x
+            y = topo.ppermute(x, axis="pp", perm=[(i, (i + 1) % 4) for i in range(4)])
+    """
+    ctx, names, n = find_context(axis, "ppermute")
+    check_tensor(x, "ppermute")
+    pairs = _check_perm(perm, n, axis)
+    me = ctx.axis_index(names)
+    dst = next((d for s, d in pairs if s == me), None)
+    src = next((s for s, d in pairs if d == me), None)
+    return _move(ctx, names, n, x, dst, src)
+
+
+def shift(x: torch.Tensor, axis: Axis, offset: int = 1, wrap: bool = True) -> torch.Tensor:
+    """Send ``x`` ``offset`` steps along ``axis`` and receive from ``offset`` steps back.
+
+    The pipeline pattern: with ``offset=1`` index ``i`` sends to ``i+1`` and receives from
+    ``i-1``. With ``wrap=False`` the first ``offset`` indices receive zeros and the last
+    ``offset`` send nothing.
+
+    Example::
+
+        with DeviceMesh(pp=4).activate():
+            inputs = topo.shift(outputs, axis="pp", offset=1, wrap=False)
+    """
+    ctx, names, n = find_context(axis, "shift")
+    check_tensor(x, "shift")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"topo.shift offset requires an int, but got {type(offset).__name__}")
+    if not isinstance(wrap, bool):
+        raise TypeError(f"topo.shift wrap requires a bool, but got {type(wrap).__name__}")
+    me = ctx.axis_index(names)
+    dst: int | None = me + offset
+    src: int | None = me - offset
+    if wrap:
+        dst, src = dst % n, src % n  # type: ignore[operator]
+    else:
+        dst = dst if 0 <= dst < n else None  # type: ignore[operator]
+        src = src if 0 <= src < n else None  # type: ignore[operator]
+    return _move(ctx, names, n, x, dst, src)
+
+
+def _move(
+    ctx: MeshContext,
+    names: tuple[str, ...],
+    n: int,
+    x: torch.Tensor,
+    dst: int | None,
+    src: int | None,
+) -> torch.Tensor:
+    """Send ``x`` to index ``dst`` and receive from index ``src`` (either may be None)."""
+    me = ctx.axis_index(names)
+    # Every rank of the group takes part, even one with nothing to move: the communicator is
+    # created collectively on first use.
+    comm = ctx.communicator(names, x.device.type) if n > 1 else None
+    if dst == me and src == me:
+        return x.clone(memory_format=torch.contiguous_format)
+    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    sends = [] if dst is None else [(dst, x.contiguous())]
+    recvs = [] if src is None else [(src, out)]
+    if comm is not None:
+        comm.exchange(sends, recvs)
+    return out

@@ -1,0 +1,91 @@
+"""The communicator protocol: one object per (group, device kind), device-neutral.
+
+A communicator moves dense, contiguous tensors among the ranks of one group. The collectives
+layer resolves the axis, validates arguments, makes inputs contiguous and lays chunks along
+dimension 0 before it calls a communicator, so an implementation only sees the simple forms
+below. Every method is out-of-place: it never writes into its input and returns new tensors.
+A vendor adds a device kind by implementing this protocol (see ``gloo.py`` and ``nccl.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["REDUCE_OPS", "Communicator", "ReduceOp"]
+
+ReduceOp = Literal["sum", "avg", "max", "min", "prod"]
+REDUCE_OPS: tuple[ReduceOp, ...] = ("sum", "avg", "max", "min", "prod")
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What topo needs from a device's communication library, for one group.
+
+    ``ranks`` are the group's global ranks in axis-index order; ``index`` is this process's
+    position in them. ``x`` is always contiguous; a "stacked" tensor has the group size as
+    its first dimension (chunk ``i`` belongs to, or came from, index ``i``).
+
+    Example::
+
+        comm.all_reduce(torch.ones(4), "sum")   # tensor([n, n, n, n]) for a group of n
+    """
+
+    ranks: tuple[int, ...]
+    index: int
+    label: str
+
+    @property
+    def size(self) -> int:
+        """Number of ranks in the group."""
+        ...
+
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """Element-wise reduction of every rank's ``x``."""
+        ...
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Stacked ``(size, *x.shape)``: chunk ``i`` is index ``i``'s ``x``."""
+        ...
+
+    def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """``x`` stacked ``(size, *s)``; returns ``(*s)``, the reduction of every rank's chunk
+        ``index``."""
+        ...
+
+    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """Index ``src``'s ``x`` on every rank (others' ``x`` give only shape and dtype)."""
+        ...
+
+    def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """Stacked ``(size, *x.shape)`` on index ``dst``; ``None`` elsewhere."""
+        ...
+
+    def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """``x`` stacked ``(size, *s)`` (its values used on ``src`` only); returns chunk
+        ``index`` of ``src``'s ``x``."""
+        ...
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` stacked ``(size, *s)``; returns stacked ``(size, *s)`` where chunk ``j`` is
+        index ``j``'s chunk ``index``."""
+        ...
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> None:
+        """Point-to-point: send each ``(peer, tensor)`` and receive into each ``(peer, buffer)``
+        in one batch (no ordering deadlock between the two lists)."""
+        ...
+
+    def barrier(self) -> None:
+        """Block until every rank of the group arrives."""
+        ...
+
+    def close(self, abort: bool = False) -> None:
+        """Release the group's resources; ``abort=True`` on error paths (never blocks)."""
+        ...

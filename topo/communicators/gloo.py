@@ -1,0 +1,208 @@
+"""Gloo communicator for CPU tensors: a stateless ``ProcessGroupGloo`` per group.
+
+The process group is built directly on a ``PrefixStore`` of its own, never through
+``torch.distributed.init_process_group``, so topo leaves torch's default group alone and only
+the ranks of the group take part in its rendezvous.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from topo.communicators.base import ReduceOp
+from topo.errors import CommunicationError, CommunicationTimeout
+
+__all__ = ["GLOO_REDUCE_DTYPES", "GlooCommunicator"]
+
+#: Dtypes gloo can reduce; other dtypes move as raw bytes in non-reducing collectives.
+GLOO_REDUCE_DTYPES = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+    }
+)
+
+_TORCH_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "avg": dist.ReduceOp.SUM,  # gloo has no AVG: sum, then divide
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+    "prod": dist.ReduceOp.PRODUCT,
+}
+
+
+def _gloo_devices(single_node: bool) -> list[object]:
+    gloo = dist.ProcessGroupGloo
+    interfaces = os.environ.get("GLOO_SOCKET_IFNAME")
+    if interfaces:
+        return [gloo.create_device(interface=name) for name in interfaces.split(",") if name]
+    if single_node:
+        return [gloo.create_device(hostname="127.0.0.1")]
+    return [gloo.create_default_device()]
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or for dtypes gloo cannot move (complex, 8-bit floats, …) a byte view of
+    it with a trailing dimension of ``itemsize`` bytes."""
+    if x.dtype in GLOO_REDUCE_DTYPES:
+        return x
+    return x.unsqueeze(-1).view(torch.uint8)
+
+
+class GlooCommunicator:
+    """A gloo process group over one group's ranks, for CPU tensors.
+
+    Example::
+
+        comm = GlooCommunicator(prefix_store, ranks=(0, 1), index=0, timeout=timedelta(seconds=60),
+                                single_node=True, label="axis 'tp' group (0, 1)")
+        comm.all_reduce(torch.ones(2), "sum")
+    """
+
+    device_type = "cpu"
+
+    def __init__(
+        self,
+        store: dist.Store,
+        ranks: tuple[int, ...],
+        index: int,
+        timeout: timedelta,
+        single_node: bool,
+        label: str,
+    ) -> None:
+        self.ranks = ranks
+        self.index = index
+        self.label = label
+        self.timeout = timeout
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = _gloo_devices(single_node)
+        try:
+            self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(
+                store, index, len(ranks), options
+            )
+        except RuntimeError as error:
+            raise self._error("creating the gloo communicator", error) from None
+        self._reduce_options = {}
+        for name, op in _TORCH_OPS.items():
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = op
+            self._reduce_options[name] = opts
+        self._barrier_options = dist.BarrierOptions()
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def pg(self) -> dist.ProcessGroupGloo:
+        """The underlying torch process group (raises once closed)."""
+        if self._pg is None:
+            raise CommunicationError(f"{self.label}: the gloo communicator is closed")
+        return self._pg
+
+    def _error(self, operation: str, error: BaseException) -> CommunicationError:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            return CommunicationTimeout(
+                f"{operation} on {self.label} timed out after {self.timeout.total_seconds():g} s "
+                f"(global ranks {list(self.ranks)}): a peer did not arrive or died; check that "
+                f"every rank of the group calls the same collectives in the same order "
+                f"[gloo: {text}]"
+            )
+        return CommunicationError(
+            f"{operation} on {self.label} failed (global ranks {list(self.ranks)}) [gloo: {text}]"
+        )
+
+    def _wait(self, work: dist.Work, operation: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise self._error(operation, error) from None
+
+    # ------------------------------------------------------------- collectives
+
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        y = x.clone()
+        self._wait(self.pg.allreduce([y], self._reduce_options[op]), "all_reduce")
+        if op == "avg":
+            y /= self.size
+        return y
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        moved, src = _as_bytes(out), _as_bytes(x)
+        self._wait(self.pg.allgather([list(moved.unbind(0))], [src]), "all_gather")
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        received = self.all_to_all(x)
+        if op in ("sum", "avg"):
+            y = received.sum(0, dtype=x.dtype)
+            return y / self.size if op == "avg" else y
+        if op == "prod":
+            return received.prod(0, dtype=x.dtype)
+        return received.amax(0) if op == "max" else received.amin(0)
+
+    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        y = x.clone() if self.index == src else torch.empty_like(x)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self._wait(self.pg.broadcast([_as_bytes(y)], opts), "broadcast")
+        return y
+
+    def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        opts = dist.GatherOptions()
+        opts.rootRank = dst
+        if self.index != dst:
+            self._wait(self.pg.gather([], [_as_bytes(x)], opts), "gather")
+            return None
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        self._wait(self.pg.gather([list(_as_bytes(out).unbind(0))], [_as_bytes(x)], opts), "gather")
+        return out
+
+    def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        out = torch.empty(x.shape[1:], dtype=x.dtype)
+        opts = dist.ScatterOptions()
+        opts.rootRank = src
+        inputs = [list(_as_bytes(x).unbind(0))] if self.index == src else []
+        self._wait(self.pg.scatter([_as_bytes(out)], inputs, opts), "scatter")
+        return out
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        work = self.pg.alltoall_base(_as_bytes(out), _as_bytes(x), [], [], dist.AllToAllOptions())
+        self._wait(work, "all_to_all")
+        return out
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> None:
+        works = [self.pg.recv([_as_bytes(buf)], peer, 0) for peer, buf in recvs]
+        works += [self.pg.send([_as_bytes(t)], peer, 0) for peer, t in sends]
+        for work in works:
+            self._wait(work, "send/recv")
+
+    def barrier(self) -> None:
+        self._wait(self.pg.barrier(self._barrier_options), "barrier")
+
+    def close(self, abort: bool = False) -> None:
+        pg, self._pg = self._pg, None
+        if pg is not None and abort and hasattr(pg, "abort"):
+            try:
+                pg.abort()
+            except RuntimeError:
+                pass
