@@ -100,7 +100,43 @@ _LAZY = {
     "WorldError": "topo.world",
 }
 
-__all__ = ["Axis", "DeviceMesh", "Placement", "parse_mesh", *sorted(_LAZY)]
+__all__ = [
+    "Axis",
+    "CommunicationError",
+    "CommunicationTimeout",
+    "Coordinator",
+    "DeviceMesh",
+    "MeshContext",
+    "NoActiveMeshError",
+    "Placement",
+    "RankFailedError",
+    "RendezvousTimeout",
+    "TopoError",
+    "World",
+    "WorldError",
+    "activate",
+    "active_contexts",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "all_to_all",
+    "axis_index",
+    "axis_size",
+    "barrier",
+    "broadcast",
+    "broadcast_object",
+    "current",
+    "gather",
+    "graph_capture",
+    "parse_mesh",
+    "ppermute",
+    "recv",
+    "reduce_scatter",
+    "scatter",
+    "send",
+    "shift",
+    "spawn",
+]
 
 
 def __getattr__(name: str) -> Any:

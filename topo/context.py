@@ -17,8 +17,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+import topo._dist as dist
 from topo.communicators.base import Communicator
 from topo.coordinator import Coordinator
 from topo.errors import CommunicationError, NoActiveMeshError
@@ -280,7 +280,7 @@ def _with_arrival(
 ) -> Communicator:
     """Mark this rank's arrival under the group's prefix, then create; a timeout names the
     ranks whose arrival mark is missing."""
-    store.set(f"arrived/{index}", b"1")
+    store.set(f"arrived/{index}", "1")
     try:
         comm: Communicator = create()
         return comm

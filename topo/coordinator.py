@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-import torch.distributed as dist
-
+import topo._dist as dist
 from topo.errors import RendezvousTimeout
 from topo.world import World
 
@@ -52,7 +51,8 @@ class CountingStore(dist.Store):
 
     def get(self, key: str) -> bytes:
         self.ops += 1
-        return self.inner.get(key)
+        value: bytes = self.inner.get(key)
+        return value
 
     def add(self, key: str, value: int) -> int:
         self.ops += 1
@@ -72,15 +72,18 @@ class CountingStore(dist.Store):
 
     def check(self, keys: list[str]) -> bool:
         self.ops += 1
-        return self.inner.check(keys)
+        found: bool = self.inner.check(keys)
+        return found
 
     def delete_key(self, key: str) -> bool:
         self.ops += 1
         self.written.discard(key)
-        return self.inner.delete_key(key)
+        deleted: bool = self.inner.delete_key(key)
+        return deleted
 
     def num_keys(self) -> int:
-        return self.inner.num_keys()
+        count: int = self.inner.num_keys()
+        return count
 
     def set_timeout(self, timeout: timedelta) -> None:
         self.inner.set_timeout(timeout)
@@ -309,7 +312,7 @@ class Coordinator:
         self._wait(keys, "all_gather_object", members, base)
         values = [pickle.loads(v) for v in self.store.multi_get(keys)]
         if self.store.add(f"{base}/read", 1) == len(members):
-            for key in keys + [f"{base}/read"]:
+            for key in [*keys, f"{base}/read"]:
                 self.store.delete_key(key)
         return values
 

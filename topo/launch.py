@@ -253,8 +253,7 @@ def _child_main(spec: _ChildSpec, conn: mpc.Connection, lifeline: mpc.Connection
 
 
 def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
-    import torch.distributed as dist
-
+    import topo._dist as dist
     from topo.world import World
 
     os.environ.update(spec.env)

@@ -5,11 +5,11 @@ communicator for the tensor's device (gloo for CPU, NCCL for CUDA), validates it
 and returns a new tensor.
 """
 
-from topo.collectives.broadcast import broadcast, scatter
-from topo.collectives.gather import all_gather, all_to_all, gather
+from topo.collectives.gathers import all_gather, all_to_all, gather
 from topo.collectives.objects import all_gather_object, broadcast_object
+from topo.collectives.one_to_all import broadcast, scatter
 from topo.collectives.p2p import ppermute, recv, send, shift
-from topo.collectives.reduce import all_reduce, reduce_scatter
+from topo.collectives.reductions import all_reduce, reduce_scatter
 from topo.collectives.sync import axis_index, axis_size, barrier
 
 __all__ = [

@@ -7,13 +7,15 @@ the ranks of the group take part in its rendezvous.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
+import topo._dist as dist
 from topo.communicators.base import ReduceOp
 from topo.errors import CommunicationError, CommunicationTimeout
 
@@ -33,7 +35,7 @@ GLOO_REDUCE_DTYPES = frozenset(
     }
 )
 
-_TORCH_OPS = {
+_TORCH_OPS: dict[str, Any] = {
     "sum": dist.ReduceOp.SUM,
     "avg": dist.ReduceOp.SUM,  # gloo has no AVG: sum, then divide
     "max": dist.ReduceOp.MAX,
@@ -85,16 +87,15 @@ class GlooCommunicator:
         self.index = index
         self.label = label
         self.timeout = timeout
-        options = dist.ProcessGroupGloo._Options()
+        options: Any = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         options._timeout = timeout
         options._devices = _gloo_devices(single_node)
         try:
-            self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(
-                store, index, len(ranks), options
-            )
+            # typed Any: torch's stubs do not declare the Backend collective methods
+            self._pg: Any = dist.ProcessGroupGloo(store, index, len(ranks), options)
         except RuntimeError as error:
             raise self._error("creating the gloo communicator", error) from None
-        self._reduce_options = {}
+        self._reduce_options: dict[str, dist.AllreduceOptions] = {}
         for name, op in _TORCH_OPS.items():
             opts = dist.AllreduceOptions()
             opts.reduceOp = op
@@ -106,7 +107,7 @@ class GlooCommunicator:
         return len(self.ranks)
 
     @property
-    def pg(self) -> dist.ProcessGroupGloo:
+    def pg(self) -> Any:
         """The underlying torch process group (raises once closed)."""
         if self._pg is None:
             raise CommunicationError(f"{self.label}: the gloo communicator is closed")
@@ -202,7 +203,5 @@ class GlooCommunicator:
     def close(self, abort: bool = False) -> None:
         pg, self._pg = self._pg, None
         if pg is not None and abort and hasattr(pg, "abort"):
-            try:
+            with contextlib.suppress(RuntimeError):
                 pg.abort()
-            except RuntimeError:
-                pass
