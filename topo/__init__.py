@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from topo.context import MeshContext, activate, active_contexts, current
     from topo.coordinator import Coordinator
     from topo.errors import (
+        BackendUnavailableError,
         CommunicationError,
         CommunicationTimeout,
         NoActiveMeshError,
@@ -85,6 +86,7 @@ _LAZY = {
     "Coordinator": "topo.coordinator",
     **dict.fromkeys(
         [
+            "BackendUnavailableError",
             "CommunicationError",
             "CommunicationTimeout",
             "NoActiveMeshError",
@@ -102,6 +104,7 @@ _LAZY = {
 
 __all__ = [
     "Axis",
+    "BackendUnavailableError",
     "CommunicationError",
     "CommunicationTimeout",
     "Coordinator",

@@ -97,14 +97,30 @@ COMMANDS: list[Command] = [
     ),
 ]
 
-# ------------------------------------------------------------------ more subcommands here
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from topo import bench
+
+    bench.add_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from topo import bench
+
+    return bench.run(args)
+
+
 # A subcommand module provides add_arguments(parser) and run(args) -> int, and imports torch
-# inside run (not at module level) so that `topo plan` stays fast. For example:
-#
-#     from topo import bench
-#     COMMANDS.append(Command("bench", "time collectives (nccl-tests format)",
-#                             bench.add_arguments, bench.run))
-# ------------------------------------------------------------------------------------------
+# inside run (not at module level) so that `topo plan` stays fast.
+COMMANDS.append(
+    Command(
+        "bench",
+        "time every collective over a size sweep against raw torch ProcessGroup calls "
+        "(nccl-tests format)",
+        _add_bench_arguments,
+        _run_bench,
+    )
+)
 
 
 def _version() -> str:

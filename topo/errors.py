@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailableError",
     "CommunicationError",
     "CommunicationTimeout",
     "NoActiveMeshError",
@@ -26,6 +27,10 @@ class CommunicationError(TopoError, RuntimeError):
 
 class CommunicationTimeout(CommunicationError, TimeoutError):
     """A collective did not complete within the activation's timeout."""
+
+
+class BackendUnavailableError(TopoError, RuntimeError):
+    """A communication backend cannot be used here (cupy or libnccl missing, no GPU)."""
 
 
 class NoActiveMeshError(TopoError, RuntimeError):

@@ -1,0 +1,316 @@
+"""NCCL communicator for CUDA tensors, through ``cupy.cuda.nccl``.
+
+One ``NcclCommunicator`` per group, created on the group's first CUDA collective: the group's
+first rank makes the unique id and topo's coordinator (torch's TCPStore, never cupyx's own
+store) carries it to the others; every member then initializes under its CUDA device. Every
+operation is enqueued on torch's current stream, so it is ordered with the user's kernels and
+can be captured in a CUDA graph. cupy is imported only here, lazily: ``import topo`` never
+needs it, and any cupy build (cupy-cuda12x, cupy-cuda13x) works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from topo.communicators.base import ReduceOp
+from topo.communicators.nccl_types import NCCL_DTYPES, NCCL_OPS, nccl_dtype
+from topo.errors import BackendUnavailableError, CommunicationError
+
+if TYPE_CHECKING:
+    from topo.coordinator import Coordinator
+
+__all__ = ["NcclCommunicator", "load_nccl", "nccl_version"]
+
+_INSTALL_HINT = (
+    "pip install 'topo[nccl]' (cupy-cuda12x + nvidia-nccl-cu12, for CUDA 12) or "
+    "pip install cupy-cuda13x (CUDA 13)"
+)
+
+
+def load_nccl() -> ModuleType:
+    """Import ``cupy.cuda.nccl``, or raise :class:`topo.BackendUnavailableError` saying how to
+    install it.
+
+    Example::
+
+        nccl = load_nccl()
+        nccl.get_version()   # e.g. 22703
+    """
+    try:
+        import cupy  # noqa: F401
+    except ImportError as error:
+        raise BackendUnavailableError(
+            f"NCCL collectives on CUDA tensors require cupy, which is not installed "
+            f"({error}); {_INSTALL_HINT}"
+        ) from None
+    try:
+        from cupy.cuda import nccl
+    except (ImportError, OSError) as error:
+        raise BackendUnavailableError(
+            f"cupy is installed but its NCCL module could not be loaded ({error}); install "
+            f"libnccl for your CUDA version (pip install nvidia-nccl-cu12 or nvidia-nccl-cu13) "
+            f"or put libnccl.so.2 on LD_LIBRARY_PATH"
+        ) from None
+    module: ModuleType = nccl
+    if not getattr(module, "available", True):
+        raise BackendUnavailableError(
+            f"cupy was built without NCCL support (cupy.cuda.nccl.available is False); "
+            f"{_INSTALL_HINT}"
+        )
+    return module
+
+
+def nccl_version() -> int:
+    """The loaded NCCL's version code (e.g. 22703 for 2.27.3).
+
+    Example::
+
+        if nccl_version() >= 21000: ...   # ncclAvg available
+    """
+    return int(load_nccl().get_version())
+
+
+class NcclCommunicator:
+    """A ``cupy.cuda.nccl.NcclCommunicator`` over one group's ranks, for CUDA tensors.
+
+    Example::
+
+        comm = NcclCommunicator.create(coordinator, scope, ranks=(0, 1), index=0,
+                                       device=torch.device("cuda", 0), label="axis 'tp'")
+        y = comm.all_reduce(torch.ones(4, device="cuda:0"), "sum")
+    """
+
+    device_type = "cuda"
+
+    def __init__(
+        self,
+        nccl: ModuleType,
+        comm: Any,
+        ranks: tuple[int, ...],
+        index: int,
+        device: torch.device,
+        label: str,
+    ) -> None:
+        self._nccl = nccl
+        self._comm: Any = comm
+        self.ranks = ranks
+        self.index = index
+        self.device = device
+        self.label = label
+        self._native_avg = int(nccl.get_version()) >= 21000
+
+    @classmethod
+    def create(
+        cls,
+        coordinator: Coordinator,
+        scope: str,
+        ranks: tuple[int, ...],
+        index: int,
+        device: torch.device,
+        label: str,
+    ) -> NcclCommunicator:
+        """Create the group's communicator: all of ``ranks`` must call this together.
+
+        Example::
+
+            comm = NcclCommunicator.create(ctx.coordinator, scope, (0, 1), 0, device, label)
+        """
+        nccl = load_nccl()
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"NCCL collectives for {label} require a CUDA GPU, but torch sees none "
+                f"(torch.cuda.is_available() is False); use CPU tensors (gloo) instead"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{label}: device {device} requires a GPU index below "
+                f"torch.cuda.device_count() = {torch.cuda.device_count()}; pass "
+                f"activate(device=...) or set LOCAL_RANK / CUDA_VISIBLE_DEVICES"
+            )
+        unique_id = nccl.get_unique_id() if index == 0 else None
+        data = coordinator.broadcast(
+            pickle.dumps(unique_id) if index == 0 else None, src=ranks[0], ranks=ranks
+        )
+        unique_id = pickle.loads(data)
+        coordinator.barrier(f"nccl-init:{scope}", ranks=ranks)
+        try:
+            with torch.cuda.device(device):
+                comm = nccl.NcclCommunicator(len(ranks), unique_id, index)
+        except Exception as error:  # cupy raises NcclError / CUDARuntimeError
+            raise CommunicationError(
+                f"creating the NCCL communicator for {label} on {device} failed "
+                f"({type(error).__name__}: {error}); with several ranks on one GPU set a "
+                f"distinct NCCL_HOSTID per rank (topo.spawn(..., share_gpu=True) does), and "
+                f"see NCCL_DEBUG=INFO"
+            ) from None
+        return cls(nccl, comm, ranks, index, device, label)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _stream(self) -> int:
+        return int(torch.cuda.current_stream(self.device).cuda_stream)
+
+    def _check(self, x: torch.Tensor, what: str) -> None:
+        if x.device != self.device:
+            raise ValueError(
+                f"{what} on {self.label} requires tensors on this rank's NCCL device "
+                f"{self.device}, but got one on {x.device}; move it with "
+                f"x.to('{self.device}') or activate with device='{x.device}'"
+            )
+
+    def _live(self) -> Any:
+        if self._comm is None:
+            raise CommunicationError(f"{self.label}: the NCCL communicator is closed")
+        return self._comm
+
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[Any]:
+        comm = self._live()
+        try:
+            yield comm
+        except self._nccl.NcclError as error:
+            raise CommunicationError(f"{what} on {self.label} failed in NCCL: {error}") from None
+
+    @contextlib.contextmanager
+    def _group(self, what: str) -> Iterator[Any]:
+        with self._calling(what) as comm:
+            self._nccl.groupStart()
+            try:
+                yield comm
+            finally:
+                self._nccl.groupEnd()
+
+    @staticmethod
+    def _count(x: torch.Tensor) -> int:
+        """Elements to move: the element count, or the byte count for dtypes moved as bytes."""
+        return x.numel() if x.dtype in NCCL_DTYPES else x.numel() * x.element_size()
+
+    # ------------------------------------------------------------- collectives
+
+    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        self._check(x, "all_reduce")
+        y = torch.empty_like(x)
+        native = op != "avg" or self._native_avg
+        code = NCCL_OPS[op if native else "sum"]
+        with self._calling("all_reduce") as comm:
+            comm.allReduce(
+                x.data_ptr(), y.data_ptr(), x.numel(), nccl_dtype(x.dtype, True), code,
+                self._stream(),
+            )  # fmt: skip
+        if not native:
+            y /= self.size
+        return y
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x, "all_gather")
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        code = nccl_dtype(x.dtype, False)
+        with self._calling("all_gather") as comm:
+            comm.allGather(x.data_ptr(), out.data_ptr(), self._count(x), code, self._stream())
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        self._check(x, "reduce_scatter")
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        native = op != "avg" or self._native_avg
+        with self._calling("reduce_scatter") as comm:
+            comm.reduceScatter(
+                x.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(x.dtype, True),
+                NCCL_OPS[op if native else "sum"], self._stream(),
+            )  # fmt: skip
+        if not native:
+            out /= self.size
+        return out
+
+    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        self._check(x, "broadcast")
+        y = torch.empty_like(x)
+        code = nccl_dtype(x.dtype, False)
+        with self._calling("broadcast") as comm:
+            comm.broadcast(x.data_ptr(), y.data_ptr(), self._count(x), code, src, self._stream())
+        return y
+
+    def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        self._check(x, "gather")
+        code = nccl_dtype(x.dtype, False)
+        count, stream = self._count(x), self._stream()
+        if self.index != dst:
+            with self._group("gather") as comm:
+                comm.send(x.data_ptr(), count, code, dst, stream)
+            return None
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        with self._group("gather") as comm:
+            for peer in range(self.size):
+                if peer != dst:
+                    comm.recv(out[peer].data_ptr(), count, code, peer, stream)
+        out[dst].copy_(x)
+        return out
+
+    def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        self._check(x, "scatter")
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        code = nccl_dtype(x.dtype, False)
+        count, stream = self._count(out), self._stream()
+        with self._group("scatter") as comm:
+            if self.index == src:
+                for peer in range(self.size):
+                    if peer != src:
+                        comm.send(x[peer].data_ptr(), count, code, peer, stream)
+            else:
+                comm.recv(out.data_ptr(), count, code, src, stream)
+        if self.index == src:
+            out.copy_(x[src])
+        return out
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x, "all_to_all")
+        out = torch.empty_like(x)
+        code = nccl_dtype(x.dtype, False)
+        count, stream = self._count(x[0]), self._stream()
+        with self._group("all_to_all") as comm:
+            for peer in range(self.size):
+                comm.send(x[peer].data_ptr(), count, code, peer, stream)
+                comm.recv(out[peer].data_ptr(), count, code, peer, stream)
+        return out
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> None:
+        for _, t in (*sends, *recvs):
+            self._check(t, "send/recv")
+        stream = self._stream()
+        with self._group("send/recv") as comm:
+            for peer, t in sends:
+                code = nccl_dtype(t.dtype, False)
+                comm.send(t.data_ptr(), self._count(t), code, peer, stream)
+            for peer, buf in recvs:
+                code = nccl_dtype(buf.dtype, False)
+                comm.recv(buf.data_ptr(), self._count(buf), code, peer, stream)
+
+    def barrier(self) -> None:
+        flag = torch.zeros(1, device=self.device)
+        self.all_reduce(flag, "sum")
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def close(self, abort: bool = False) -> None:
+        comm, self._comm = self._comm, None
+        if comm is None:
+            return
+        with contextlib.suppress(Exception), torch.cuda.device(self.device):
+            if abort:
+                comm.abort()
+            else:
+                torch.cuda.current_stream(self.device).synchronize()
+                comm.destroy()
