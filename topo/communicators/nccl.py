@@ -58,7 +58,7 @@ def load_nccl() -> ModuleType:
             f"or put libnccl.so.2 on LD_LIBRARY_PATH"
         ) from None
     module: ModuleType = nccl
-    if not getattr(module, "available", True):
+    if module is None or not getattr(module, "available", True):
         raise BackendUnavailableError(
             f"cupy was built without NCCL support (cupy.cuda.nccl.available is False); "
             f"{_INSTALL_HINT}"

@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (see README.md):
+#   make demo   - create .venv, install topo, run `topo bench` on a local CPU mesh
+#   make test   - create .venv, install topo with its test extras, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of this torch lies on the CI machines' disk; elsewhere pip falls back to any torch>=2.4.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.topo-installed
+
+.PHONY: demo test lint plan clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/pip install -q -e ".[test,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/topo bench
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check topo tests benchmarks
+	$(BIN)/mypy topo
+
+plan: $(STAMP)
+	$(BIN)/topo plan dp=2 pp=2 tp=2 --rank 5 --ranks-per-node 4
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

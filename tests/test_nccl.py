@@ -1,0 +1,334 @@
+"""NCCL communicator: what can be checked without a GPU (dtype map, errors, lazy import,
+the communicator's plumbing against a fake cupy.cuda.nccl), plus GPU tests that skip here."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import topo
+from topo.communicators import nccl as nccl_mod
+from topo.communicators.nccl_types import NCCL_DTYPES, NCCL_OPS, NCCL_REDUCE_DTYPES, nccl_dtype
+from topo.errors import BackendUnavailableError
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gpu_fns for spawned ranks
+
+
+def _has_gpu_and_cupy() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        nccl_mod.load_nccl()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+gpu = pytest.mark.skipif(not _has_gpu_and_cupy(), reason="needs a CUDA GPU and cupy with NCCL")
+
+
+# ----------------------------------------------------------------------------- dtype map
+
+
+def test_dtype_map_matches_nccl_h() -> None:
+    assert {
+        torch.int8: 0,
+        torch.uint8: 1,
+        torch.int32: 2,
+        torch.int64: 4,
+        torch.float16: 6,
+        torch.float32: 7,
+        torch.float64: 8,
+        torch.bfloat16: 9,
+    } == NCCL_DTYPES
+    assert NCCL_OPS == {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
+    assert frozenset(NCCL_DTYPES) == NCCL_REDUCE_DTYPES
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64, torch.bool]
+)
+def test_non_nccl_dtypes_move_as_bytes(dtype: torch.dtype) -> None:
+    assert nccl_dtype(dtype, reducing=False) == NCCL_DTYPES[torch.uint8]
+    with pytest.raises(TypeError, match=rf"NCCL cannot reduce dtype {dtype}.*float32"):
+        nccl_dtype(dtype, reducing=True)
+
+
+def test_collective_rejects_reduction_dtype_before_touching_cuda() -> None:
+    from topo.collectives._common import check_reduce
+
+    meta = torch.empty(2, dtype=torch.complex64, device="meta")
+    with pytest.raises(ValueError, match="'cpu' \\(gloo\\) or 'cuda' \\(NCCL\\)"):
+        topo.collectives._common.check_tensor(meta, "all_reduce")
+    with pytest.raises(TypeError, match="gloo can reduce"):
+        check_reduce(torch.zeros(2, dtype=torch.complex64), "sum", "all_reduce")
+
+
+# ------------------------------------------------------------------------ import errors
+
+
+def test_missing_cupy_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(BackendUnavailableError, match=r"require cupy.*pip install 'topo\[nccl\]'"):
+        nccl_mod.load_nccl()
+
+
+def test_missing_libnccl_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    cupy = types.ModuleType("cupy")
+    cuda = types.ModuleType("cupy.cuda")
+
+    def missing(name: str) -> object:
+        raise ImportError("libnccl.so.2: cannot open shared object file: No such file")
+
+    cuda.__getattr__ = missing  # type: ignore[attr-defined]
+    cupy.cuda = cuda  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    with pytest.raises(BackendUnavailableError, match=r"libnccl.*nvidia-nccl-cu12"):
+        nccl_mod.load_nccl()
+
+
+def test_cupy_without_nccl_support(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_nccl_module()
+    fake.available = False  # type: ignore[attr-defined]
+    _install_fake_cupy(monkeypatch, fake)
+    with pytest.raises(BackendUnavailableError, match="without NCCL support"):
+        nccl_mod.load_nccl()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_no_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _install_fake_cupy(monkeypatch, _fake_nccl_module())
+    with pytest.raises(BackendUnavailableError, match=r"require a CUDA GPU.*CPU tensors"):
+        nccl_mod.NcclCommunicator.create(
+            None,  # type: ignore[arg-type]
+            "scope",
+            (0, 1),
+            0,
+            torch.device("cuda", 0),
+            "axis 'tp' group (0, 1)",
+        )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_graph_capture_without_gpu_is_a_clear_error() -> None:
+    with pytest.raises(BackendUnavailableError, match="requires a CUDA GPU"), topo.graph_capture():
+        pass
+
+
+def test_import_topo_and_cpu_collectives_never_import_cupy() -> None:
+    code = (
+        "import sys, torch, topo\n"
+        "w = topo.World(rank=0, world_size=1, master_port=0)\n"
+        "with topo.DeviceMesh(tp=1).activate(w, timeout=10):\n"
+        "    y = topo.all_reduce(torch.ones(2), axis='tp')\n"
+        "assert y.tolist() == [1.0, 1.0]\n"
+        "bad = [m for m in sys.modules if m == 'cupy' or m.startswith('cupy.')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------- plumbing against a fake cupy.cuda.nccl
+
+
+class _FakeComm:
+    """A one-rank NCCL communicator that moves bytes with memmove and records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        self.sizes = {v: torch.empty(0, dtype=k).element_size() for k, v in NCCL_DTYPES.items()}
+
+    def _copy(self, dst: int, src: int, count: int, dtype: int) -> None:
+        ctypes.memmove(dst, src, count * self.sizes[dtype])
+
+    def allReduce(self, send: int, recv: int, count: int, dtype: int, op: int, stream: int) -> None:
+        self.calls.append(("allReduce", count, dtype, op))
+        self._copy(recv, send, count, dtype)
+
+    def allGather(self, send: int, recv: int, count: int, dtype: int, stream: int) -> None:
+        self.calls.append(("allGather", count, dtype))
+        self._copy(recv, send, count, dtype)
+
+    def reduceScatter(
+        self, send: int, recv: int, count: int, dtype: int, op: int, stream: int
+    ) -> None:
+        self.calls.append(("reduceScatter", count, dtype, op))
+        self._copy(recv, send, count, dtype)
+
+    def broadcast(
+        self, send: int, recv: int, count: int, dtype: int, root: int, stream: int
+    ) -> None:
+        self.calls.append(("broadcast", count, dtype, root))
+        self._copy(recv, send, count, dtype)
+
+    def send(self, buf: int, count: int, dtype: int, peer: int, stream: int) -> None:
+        self.calls.append(("send", count, dtype, peer))
+        self.pending = (buf, count, dtype)
+
+    def recv(self, buf: int, count: int, dtype: int, peer: int, stream: int) -> None:
+        self.calls.append(("recv", count, dtype, peer))
+        src, n, dt = self.pending
+        self._copy(buf, src, n, dt)
+
+    def destroy(self) -> None:
+        self.calls.append(("destroy",))
+
+    def abort(self) -> None:
+        self.calls.append(("abort",))
+
+
+def _fake_nccl_module(version: int = 22703) -> types.ModuleType:
+    fake = types.ModuleType("cupy.cuda.nccl")
+    fake.NcclError = type("NcclError", (RuntimeError,), {})  # type: ignore[attr-defined]
+    fake.get_version = lambda: version  # type: ignore[attr-defined]
+    fake.groups = []  # type: ignore[attr-defined]
+    fake.groupStart = lambda: fake.groups.append("start")  # type: ignore[attr-defined]
+    fake.groupEnd = lambda: fake.groups.append("end")  # type: ignore[attr-defined]
+    return fake
+
+
+def _install_fake_cupy(monkeypatch: pytest.MonkeyPatch, fake: types.ModuleType) -> None:
+    cupy = types.ModuleType("cupy")
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nccl = fake  # type: ignore[attr-defined]
+    cupy.cuda = cuda  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", fake)
+
+
+def _fake_communicator(
+    monkeypatch: pytest.MonkeyPatch, version: int = 22703
+) -> tuple[nccl_mod.NcclCommunicator, _FakeComm, types.ModuleType]:
+    fake, comm = _fake_nccl_module(version), _FakeComm()
+    communicator = nccl_mod.NcclCommunicator(
+        fake, comm, (0,), 0, torch.device("cpu"), "axis 'tp' group (0,)"
+    )
+    monkeypatch.setattr(communicator, "_stream", lambda: 0)
+    return communicator, comm, fake
+
+
+def test_plumbing_counts_dtypes_and_out_of_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, comm, _ = _fake_communicator(monkeypatch)
+    x = torch.arange(6, dtype=torch.bfloat16)
+    before = x.clone()
+    y = c.all_reduce(x, "max")
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr() and torch.equal(x, before)
+    assert comm.calls[-1] == ("allReduce", 6, NCCL_DTYPES[torch.bfloat16], NCCL_OPS["max"])
+    g = c.all_gather(torch.arange(4, dtype=torch.int32))
+    assert g.shape == (1, 4) and g[0].tolist() == [0, 1, 2, 3]
+    # 8-bit floats travel as bytes when nothing is reduced
+    f8 = torch.arange(5, dtype=torch.float32).to(torch.float8_e4m3fn)
+    b = c.broadcast(f8, 0)
+    assert comm.calls[-1] == ("broadcast", 5, NCCL_DTYPES[torch.uint8], 0)
+    assert torch.equal(b.view(torch.uint8), f8.view(torch.uint8))
+    c64 = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    gathered = c.all_gather(c64)
+    assert comm.calls[-1] == ("allGather", 16, NCCL_DTYPES[torch.uint8])
+    assert torch.equal(gathered[0], c64)
+    rs = c.reduce_scatter(torch.ones(1, 3), "sum")
+    assert rs.shape == (3,) and comm.calls[-1][:2] == ("reduceScatter", 3)
+
+
+def test_plumbing_group_calls_for_point_to_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, comm, fake = _fake_communicator(monkeypatch)
+    x = torch.arange(6.0).reshape(1, 6)
+    out = c.all_to_all(x)
+    assert torch.equal(out, x)
+    assert fake.groups == ["start", "end"]  # type: ignore[attr-defined]
+    assert [call[0] for call in comm.calls] == ["send", "recv"]
+    buf = torch.empty(3)
+    c.exchange([(0, torch.tensor([7.0, 8.0, 9.0]))], [(0, buf)])
+    assert buf.tolist() == [7.0, 8.0, 9.0]
+    assert fake.groups == ["start", "end", "start", "end"]  # type: ignore[attr-defined]
+
+
+def test_avg_falls_back_to_sum_on_old_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, comm, _ = _fake_communicator(monkeypatch, version=2708)
+    y = c.all_reduce(torch.full((2,), 3.0), "avg")
+    assert comm.calls[-1][3] == NCCL_OPS["sum"] and y.tolist() == [3.0, 3.0]
+    c2, comm2, _ = _fake_communicator(monkeypatch, version=21003)
+    c2.all_reduce(torch.full((2,), 3.0), "avg")
+    assert comm2.calls[-1][3] == NCCL_OPS["avg"]
+
+
+def test_device_mismatch_names_both_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, _, _ = _fake_communicator(monkeypatch)
+    meta = torch.empty(2, device="meta")
+    with pytest.raises(
+        ValueError, match=r"requires tensors on this rank's NCCL device cpu, but got one on meta"
+    ):
+        c.all_reduce(meta, "sum")
+
+
+def test_nccl_errors_are_wrapped_and_close_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, comm, fake = _fake_communicator(monkeypatch)
+
+    def boom(*args: object) -> None:
+        raise fake.NcclError("unhandled system error")  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(comm, "allReduce", boom)
+    with pytest.raises(
+        topo.CommunicationError, match=r"all_reduce on axis 'tp' group \(0,\) failed in NCCL"
+    ):
+        c.all_reduce(torch.ones(2), "sum")
+    monkeypatch.setattr(torch.cuda, "device", lambda d: __import__("contextlib").nullcontext())
+    c.close(abort=True)
+    c.close()
+    assert comm.calls[-1] == ("abort",)
+    with pytest.raises(topo.CommunicationError, match="closed"):
+        c.all_reduce(torch.ones(2), "sum")
+
+
+# ----------------------------------------------------------------------------- GPU tests
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_collectives_match_gloo_on_a_shared_gpu() -> None:
+    import _gpu_fns
+
+    mesh = topo.DeviceMesh(dp=2, tp=2)
+    on_gpu = topo.spawn(_gpu_fns.every_collective, mesh, "cuda", share_gpu=True, timeout=300)
+    on_cpu = topo.spawn(_gpu_fns.every_collective, mesh, "cpu", timeout=120)
+    for rank, (g, c) in enumerate(zip(on_gpu, on_cpu, strict=True)):
+        assert g.keys() == c.keys()
+        for key in c:
+            assert _same(g[key], c[key]), (rank, key, g[key], c[key])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_streams_graphs_and_several_communicators() -> None:
+    import _gpu_fns
+
+    results = topo.spawn(_gpu_fns.streams_graphs_meshes, topo.DeviceMesh(dp=2, tp=2),
+                         share_gpu=True, timeout=300)  # fmt: skip
+    for rank, checks in enumerate(results):
+        assert all(checks.values()), (rank, checks)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
