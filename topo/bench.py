@@ -151,7 +151,7 @@ class _RawGroup:
 
         group_id = ctx.mesh.group_index(names, ctx.rank)
         store = dist.PrefixStore(
-            ctx.coordinator.key("bench-raw", ".".join(names), group_id) + "/",
+            ctx.coordinator.key("bench-raw", ".".join(names), group_id),
             ctx.coordinator.store,
         )
         options: Any = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
@@ -283,7 +283,7 @@ def _measure(
     expected = _reference(collective, n, me, count, dtype, op)
     for _ in range(config.warmup):
         result = call()
-    wrong = _wrong(result, expected)
+    first_wrong = _wrong(result, expected)
     raw_call = None
     if raw is not None:
         raw_x = x.clone()
@@ -303,13 +303,15 @@ def _measure(
         best = min(best, _time(call, iters, ctx, names))
         if raw_call is not None:
             best_raw = min(best_raw, _time(raw_call, iters, ctx, names))
-    wrong += _wrong(call(), expected)
+    # A row's #wrong: the worse of the checks after warm-up and after the timed blocks.
+    wrong = max(first_wrong, _wrong(call(), expected))
     return {
         "collective": collective,
         "axis": ".".join(names),
         "ranks": n,
         "size": count * dtype.itemsize * (n if collective == "all_gather" else 1),
-        "count": count,
+        # as nccl-tests: elements per rank and peer for reduce_scatter and all_to_all
+        "count": count // n if collective in ("reduce_scatter", "all_to_all") else count,
         "dtype": config.dtype,
         "op": op if collective in ("all_reduce", "reduce_scatter") else "none",
         "iters": iters,
@@ -476,8 +478,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "spec",
         nargs="*",
         metavar="NAME=SIZE",
-        help="local mesh, outermost axis first (default dp=2 tp=2); ignored under "
-        "torchrun/srun/mpirun unless it matches the world",
+        help="local mesh, outermost axis first (default dp=2 tp=2); under "
+        "torchrun/srun/mpirun it must match the world size (default: one axis 'world')",
     )
     parser.add_argument(
         "--axis",

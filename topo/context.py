@@ -230,7 +230,7 @@ class MeshContext:
         if device_type == "cpu":
             from topo.communicators.gloo import GlooCommunicator
 
-            store = dist.PrefixStore(scope + "/", self.coordinator.store)
+            store = dist.PrefixStore(scope, self.coordinator.store)
             return _with_arrival(
                 store,
                 index,
@@ -265,6 +265,9 @@ class MeshContext:
         try:
             if not abort:
                 self.coordinator.close()
+        except BaseException:
+            abort = True  # a peer is gone: never wait on it while closing the communicators
+            raise
         finally:
             for comm in self._communicators.values():
                 comm.close(abort=abort)
@@ -394,6 +397,7 @@ def activate(
     coordinator = Coordinator.join(
         world, timeout=wait, store=store, namespace=namespace, label=f"activating {mesh!r}"
     )
+    coordinator.label = repr(mesh)  # later waits name the mesh, not the activation
     ctx = MeshContext(mesh, world, coordinator, wait, cuda_device)
     token = _ACTIVE.set((*_ACTIVE.get(), ctx))
     failed = True

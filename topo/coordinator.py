@@ -12,6 +12,7 @@ arrive.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zlib
 from collections.abc import Sequence
@@ -189,11 +190,6 @@ class Coordinator:
         coordinator = cls(counting, world, f"{namespace}/{generation}", timeout, label)
         coordinator._base_store = base  # keeps a hosted TCPStore alive with the coordinator
         coordinator.barrier("join")
-        if generation > 0 and ticket % world.world_size == 0:
-            # The last rank to join deletes what the previous generation's close barrier left.
-            previous = f"{namespace}/{generation - 1}/barrier/close/all/0"
-            counting.delete_key(f"{previous}/done")
-            counting.delete_key(f"{previous}/count")
         return coordinator
 
     # ------------------------------------------------------------------ queries
@@ -317,20 +313,30 @@ class Coordinator:
         return values
 
     def close(self) -> None:
-        """Wait for every rank, then delete the keys this rank wrote (call on clean exits).
+        """Wait for every rank, delete this activation's keys, and leave rank 0 (the store's
+        host) last, so that no rank talks to a store whose host has gone (call on clean exits).
 
         Example::
 
             coord.close()
         """
         self.barrier("close")
-        # Every rank has passed every earlier round. The close round's done/count keys stay
-        # for ranks still reading them; the next generation's last joiner deletes them.
+        # Every rank has passed every earlier round: its own keys can go, except the close
+        # round's, which ranks may still be reading; rank 0 deletes those once all have left.
         close = self.key("barrier/close/all/0")
         keep = {f"{close}/done", f"{close}/count"}
         leftovers = {k for keys in self._pending_deletes.values() for k in keys}
         self._pending_deletes = {}
         for key in sorted((leftovers | self.store.written) - keep):
+            self.store.delete_key(key)
+        left, everyone_left = self.key("left"), self.key("everyone-left")
+        if self.rank != 0:
+            if self.store.add(left, 1) == self.world_size - 1:
+                self.store.set(everyone_left, "1")
+            return
+        if self.world_size > 1:
+            self._wait([everyone_left], "close", range(1, self.world_size), None)
+        for key in (*sorted(keep), left, everyone_left):
             self.store.delete_key(key)
 
     # ----------------------------------------------------------------- helpers
@@ -341,10 +347,10 @@ class Coordinator:
         try:
             self.store.wait(keys, self.timeout)
         except RuntimeError as error:
+            missing = list(members)
             if arrived is not None:
-                missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
-            else:
-                missing = list(members)
+                with contextlib.suppress(RuntimeError):  # the store itself may be gone
+                    missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
             raise RendezvousTimeout(
                 f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
                 f"rank {self.rank}: rank(s) {_short(missing)} of {_short(list(members))} did not "

@@ -30,7 +30,7 @@ def graph_capture(
     """Capture the collectives (and kernels) of the block into a CUDA graph.
 
     ``axes`` lists the axes (names or tuples) whose NCCL communicators the block uses; they
-    are created before capture starts. The capture runs on ``stream`` (default: a new side
+    are created before capture starts. Capture runs under the context's CUDA device. The capture runs on ``stream`` (default: a new side
     stream that waits on the current one, as vLLM does). Yields the graph; call
     ``graph.replay()`` afterwards.
 
@@ -42,7 +42,7 @@ def graph_capture(
         x.fill_(2.0)
         graph.replay()       # y now holds the sum of every rank's 2.0
     """
-    from topo.context import find_context
+    from topo.context import current, find_context
 
     if not torch.cuda.is_available():
         from topo.errors import BackendUnavailableError
@@ -51,13 +51,16 @@ def graph_capture(
             "topo.graph_capture requires a CUDA GPU, but torch sees none "
             "(torch.cuda.is_available() is False)"
         )
+    device = current().device
     for axis in axes:
         ctx, names, n = find_context(axis, "graph_capture")
         if n > 1:
             ctx.communicator(names, "cuda")
+            device = ctx.device
     graph = torch.cuda.CUDAGraph() if graph is None else graph
-    side = torch.cuda.Stream() if stream is None else stream  # type: ignore[no-untyped-call]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.graph(graph, pool=pool, stream=side):
-        yield graph
-    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device) if stream is None else stream  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            yield graph
+        torch.cuda.current_stream(device).wait_stream(side)

@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from topo.errors import RankFailedError
 from topo.mesh import DeviceMesh
@@ -65,10 +65,18 @@ def spawn(
         raise TypeError(f"spawn mesh requires a topo.DeviceMesh, but got {type(mesh).__name__}")
     if not callable(fn):
         raise TypeError(f"spawn fn requires a callable, but got {type(fn).__name__}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(
-            f"spawn timeout requires a positive number of seconds, but got {timeout!r}"
-        )
+    for name, value in (("timeout", timeout), ("activation_timeout", activation_timeout)):
+        if value is None and name == "activation_timeout":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"spawn {name} requires a number of seconds, but got {type(value).__name__} "
+                f"{value!r}"
+            )
+        if not 0 < value < 1e9:
+            raise ValueError(
+                f"spawn {name} requires a positive, finite number of seconds, but got {value!r}"
+            )
     try:
         payload = pickle.dumps((fn, args))
     except Exception as error:
@@ -154,16 +162,15 @@ class _Launch:
                     try:
                         message = conn.recv()
                     except EOFError:
-                        message = None
-                    if message is None:
-                        continue
+                        # The rank closed its end without sending a result: it died.
+                        self._raise_died(rank)
                     kind = message[0]
                     if kind == "port" and not port_sent:
                         for other in range(1, n):
                             self.conns[other].send(("port", message[1]))
                         port_sent = True
                     elif kind == "result":
-                        results[rank] = pickle.loads(message[1])
+                        results[rank] = self._unpickle(rank, message[1])
                         pending.discard(rank)
                     elif kind == "error":
                         raise RankFailedError(
@@ -173,14 +180,28 @@ class _Launch:
                             remote_traceback=message[2],
                         )
                 elif self.procs[rank].sentinel in ready and not self.conns[rank].poll():
-                    self.procs[rank].join(0.1)
-                    code = self.procs[rank].exitcode
-                    raise RankFailedError(
-                        f"rank {rank} of {self.mesh!r} died without a result (exit code "
-                        f"{code}{_signal_name(code)}); the other ranks were stopped",
-                        rank=rank,
-                    )
+                    self._raise_died(rank)
         return [results[r] for r in range(n)]
+
+    def _unpickle(self, rank: int, data: bytes) -> Any:
+        try:
+            return pickle.loads(data)  # our own child's result
+        except Exception as error:
+            raise RankFailedError(
+                f"rank {rank} of {self.mesh!r} returned a result the parent cannot unpickle "
+                f"({type(error).__name__}: {error}); return plain Python values or tensors of "
+                f"dtypes this torch can load",
+                rank=rank,
+            ) from None
+
+    def _raise_died(self, rank: int) -> NoReturn:
+        self.procs[rank].join(1.0)
+        code = self.procs[rank].exitcode
+        raise RankFailedError(
+            f"rank {rank} of {self.mesh!r} died without a result (exit code "
+            f"{code}{_signal_name(code)}); the other ranks were stopped",
+            rank=rank,
+        )
 
     def _shutdown(self) -> None:
         for proc in self.procs:

@@ -228,18 +228,22 @@ def first_slurm_host(nodelist: str) -> str:
 
         >>> first_slurm_host("gpu[003-005,009],cpu1")
         'gpu003'
+        >>> first_slurm_host("rack[1-2]-node[07-08]-ib")
+        'rack1-node07-ib'
     """
-    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
-    if head is None or (not head.group(1) and not head.group(2)):
+    text = nodelist.strip()
+    # The first host expression: runs of plain characters and bracketed id lists
+    # ("prefix[ids]suffix", possibly several brackets), up to a separator.
+    head = re.match(r"(?:[^,\[\]\s]|\[[^\[\]]*\])+", text)
+    if head is None or not re.fullmatch(r"[,\s].*|", text[head.end() :], re.S):
         raise WorldError(
             f"environment variable SLURM_JOB_NODELIST requires a host list like 'node[01-04]', "
             f"but got {nodelist!r}; set MASTER_ADDR instead"
         )
-    prefix, bracket = head.group(1), head.group(3)
-    if bracket is None:
-        return prefix
-    first = bracket.split(",")[0].split("-")[0]
-    return prefix + first
+    # Each bracketed id list contributes its first id (leading zeros kept).
+    return re.sub(
+        r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0].strip(), head.group(0)
+    )
 
 
 def _openmpi(env: Mapping[str, str]) -> dict[str, Any]:

@@ -14,28 +14,43 @@ _REDUCE_DTYPES = {"cpu": GLOO_REDUCE_DTYPES, "cuda": NCCL_REDUCE_DTYPES}
 _BACKEND = {"cpu": "gloo", "cuda": "NCCL"}
 
 
-def check_tensor(x: object, operation: str, name: str = "x") -> torch.Tensor:
-    """``x`` if it is a tensor on a supported device; else a TypeError/ValueError."""
+def device_type(x: object, operation: str, name: str = "x") -> str:
+    """The device type of ``x`` (``"cpu"`` or ``"cuda"``); a TypeError/ValueError if ``x`` is
+    no tensor or lives on a device without a backend."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"topo.{operation} {name} requires a torch.Tensor, but got {type(x).__name__}"
         )
-    if x.device.type not in _BACKEND:
+    if x.is_cpu:  # the two fast properties first: this runs on every collective call
+        return "cpu"
+    if x.is_cuda:
+        return "cuda"
+    device: str = x.device.type
+    if device not in _BACKEND:
         raise ValueError(
             f"topo.{operation} {name} requires a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) "
             f"device, but got {x.device}; move it with .cpu() or .cuda()"
         )
-    return x
+    return device
 
 
-def check_reduce(x: torch.Tensor, op: object, operation: str) -> ReduceOp:
+def check_tensor(x: object, operation: str, name: str = "x") -> torch.Tensor:
+    """``x`` if it is a tensor on a supported device; else a TypeError/ValueError."""
+    device_type(x, operation, name)
+    return x  # type: ignore[return-value]
+
+
+def check_reduce(
+    x: torch.Tensor, op: object, operation: str, device: str | None = None
+) -> ReduceOp:
     """Validate ``op`` and that ``x``'s dtype can be reduced on its device."""
     if op not in REDUCE_OPS:
         raise ValueError(
             f"topo.{operation} op requires one of {', '.join(map(repr, REDUCE_OPS))}, but got "
             f"{op!r}"
         )
-    device = x.device.type
+    if device is None:
+        device = x.device.type
     if x.dtype not in _REDUCE_DTYPES[device]:
         valid = ", ".join(sorted(str(d).removeprefix("torch.") for d in _REDUCE_DTYPES[device]))
         raise TypeError(

@@ -76,5 +76,7 @@ def all_to_all(
     stacked = stack_chunks(x, sd, n, "all_to_all", axis)
     if n > 1:
         stacked = ctx.communicator(names, x.device.type).all_to_all(stacked)
+    else:
+        stacked = stacked.clone()  # a contiguous x's chunks are a view of x: copy
     # stacked[j] is the chunk received from index j (x's layout, split_dim shrunk by n).
     return concat_chunks(stacked, cd)

@@ -54,7 +54,16 @@ def recv(
     ctx, names, n = find_context(axis, "recv")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"topo.recv dtype requires a torch.dtype, but got {type(dtype).__name__}")
-    buffer = check_tensor(torch.empty(tuple(shape), dtype=dtype, device=device), "recv", "device")
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        dims = tuple(int(d) for d in shape)  # type: ignore[union-attr]
+    except TypeError:
+        raise TypeError(
+            f"topo.recv shape requires a sequence of ints like (4, 1024), but got "
+            f"{type(shape).__name__} {shape!r}"
+        ) from None
+    buffer = check_tensor(torch.empty(dims, dtype=dtype, device=device), "recv", "device")
     peer = check_index(src, n, "recv", "src", axis)
     me = ctx.axis_index(names)
     if peer == me:

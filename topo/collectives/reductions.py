@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from topo.collectives._common import check_dim, check_reduce, check_tensor, stack_chunks
+from topo.collectives._common import (
+    check_dim,
+    check_reduce,
+    check_tensor,
+    device_type,
+    stack_chunks,
+)
 from topo.communicators.base import ReduceOp
 from topo.context import find_context
 from topo.mesh import Axis
@@ -24,11 +30,12 @@ def all_reduce(x: torch.Tensor, axis: Axis, op: ReduceOp = "sum") -> torch.Tenso
             y = topo.all_reduce(torch.ones(3), axis="tp")   # tensor([2., 2., 2.])
     """
     ctx, names, n = find_context(axis, "all_reduce")
-    check_tensor(x, "all_reduce")
-    check_reduce(x, op, "all_reduce")
+    device = device_type(x, "all_reduce")
+    check_reduce(x, op, "all_reduce", device)
     if n == 1:
         return x.clone()
-    return ctx.communicator(names, x.device.type).all_reduce(x.contiguous(), op)
+    comm = ctx.communicator(names, device)
+    return comm.all_reduce(x if x.is_contiguous() else x.contiguous(), op)
 
 
 def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, op: ReduceOp = "sum") -> torch.Tensor:

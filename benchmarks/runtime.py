@@ -1,0 +1,250 @@
+"""Runtime figures for the runtime issue, printed (not asserted):
+
+1. host time of ``topo.all_reduce`` on a 4-byte CPU tensor vs the raw ProcessGroupGloo call;
+2. 64 MiB ``topo.all_reduce`` algbw vs the raw call;
+3. activating a 2×2 mesh and running one collective on each axis, vs torch's
+   ``init_device_mesh`` on gloo (+ one collective per dim), in the same processes;
+4. store operations per rank at activation (and for a first collective), at 4 and 8 ranks.
+
+Run: ``python benchmarks/runtime.py`` (about a minute on 2 cores). topo and raw calls are
+interleaved in blocks and the statistics are taken over blocks, so that machine noise hits
+both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import topo
+from topo.bench import _RawGroup
+
+# ------------------------------------------------------------------------- on each rank
+
+
+def small_all_reduce(blocks: int, per_block: int) -> dict[str, list[float]]:
+    ctx = topo.current()
+    names = ctx.mesh.axis_names
+    raw = _RawGroup(ctx, names)
+    x = torch.ones(1)
+    raw_x = torch.ones(1)
+    opts = raw.dist.AllreduceOptions()
+    for _ in range(200):
+        topo.all_reduce(x, axis=names)
+        raw.pg.allreduce([raw_x], opts).wait()
+    topo_times, raw_times = [], []
+    for block in range(blocks):
+        order = ("topo", "raw") if block % 2 == 0 else ("raw", "topo")
+        for which in order:
+            raw.pg.barrier(raw.dist.BarrierOptions()).wait()
+            start = time.perf_counter()
+            if which == "topo":
+                for _ in range(per_block):
+                    topo.all_reduce(x, axis=names)
+                topo_times.append((time.perf_counter() - start) / per_block)
+            else:
+                for _ in range(per_block):
+                    raw.pg.allreduce([raw_x], opts).wait()
+                raw_times.append((time.perf_counter() - start) / per_block)
+    return {"topo": topo_times, "raw": raw_times}
+
+
+class _StubCommunicator:
+    """Returns the input as it is: isolates topo's own per-call work from communication."""
+
+    def __init__(self, real: Any) -> None:
+        self.ranks, self.index, self.label = real.ranks, real.index, real.label
+
+    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        return x
+
+
+def layer_overhead(calls: int) -> dict[str, float]:
+    """Per-call cost of topo's layer (context lookup, validation, dispatch) with a stub
+    communicator, of a 4-byte clone (the out-of-place copy), and of the raw gloo call."""
+    ctx = topo.current()
+    names = ctx.mesh.axis_names
+    key = (names, "cpu")
+    real = ctx.communicator(names, "cpu")
+    stub = _StubCommunicator(real)
+    x = torch.ones(1)
+    ctx._communicators[key] = stub  # type: ignore[assignment]
+    try:
+        out = {}
+        for label, fn in (
+            ("topo.all_reduce (stub comm)", lambda: topo.all_reduce(x, axis=names)),
+            ("stub comm called directly", lambda: stub.all_reduce(x, "sum")),
+            ("x.clone() of 4 bytes", lambda: x.clone()),
+        ):
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best = min(best, (time.perf_counter() - start) / calls)
+            out[label] = best
+    finally:
+        ctx._communicators[key] = real
+    return out
+
+
+def large_all_reduce(reps: int, nbytes: int) -> dict[str, list[float]]:
+    ctx = topo.current()
+    names = ctx.mesh.axis_names
+    raw = _RawGroup(ctx, names)
+    x = torch.ones(nbytes // 4)
+    raw_x = torch.ones(nbytes // 4)
+    opts = raw.dist.AllreduceOptions()
+    topo.all_reduce(x, axis=names)
+    raw.pg.allreduce([raw_x], opts).wait()
+    topo_times, raw_times = [], []
+    for rep in range(reps):
+        order = ("topo", "raw") if rep % 2 == 0 else ("raw", "topo")
+        for which in order:
+            raw.pg.barrier(raw.dist.BarrierOptions()).wait()
+            start = time.perf_counter()
+            if which == "topo":
+                topo.all_reduce(x, axis=names)
+                topo_times.append(time.perf_counter() - start)
+            else:
+                raw.pg.allreduce([raw_x], opts).wait()
+                raw_times.append(time.perf_counter() - start)
+    return {"topo": topo_times, "raw": raw_times}
+
+
+def activation_vs_init_device_mesh(reps: int) -> dict[str, list[float]]:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ctx = topo.current()
+    world = ctx.world
+    x = torch.ones(4)
+    out: dict[str, list[float]] = {"topo": [], "torch": []}
+    for rep in range(reps):
+        # torch re-initialized on one store reads stale keys: give each rep a fresh store port
+        port = int(
+            ctx.coordinator.broadcast(str(_free_port()).encode() if world.rank == 0 else None)
+        )
+        for which in ("topo", "torch") if rep % 2 == 0 else ("torch", "topo"):
+            ctx.coordinator.barrier("bench-start")
+            start = time.perf_counter()
+            if which == "topo":
+                mesh = topo.DeviceMesh(dp=2, tp=2)
+                with mesh.activate(world, name=f"bench-activate-{rep}"):
+                    topo.all_reduce(x, axis="dp")
+                    topo.all_reduce(x, axis="tp")
+            else:
+                dist.init_process_group(
+                    "gloo",
+                    init_method=f"tcp://127.0.0.1:{port}",
+                    rank=world.rank,
+                    world_size=world.world_size,
+                )
+                dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+                for dim in ("dp", "tp"):
+                    y = x.clone()
+                    dist.all_reduce(y, group=dm.get_group(dim))
+                dist.destroy_process_group()
+            out[which].append(time.perf_counter() - start)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def store_ops() -> dict[str, int]:
+    ctx = topo.current()
+    mesh = ctx.mesh
+    x = torch.ones(1)
+    with mesh.activate(ctx.world, name="bench-ops") as fresh:
+        joined = fresh.store_ops
+        topo.all_reduce(x, axis="tp")
+        after_tp = fresh.store_ops
+        topo.all_reduce(x, axis="dp")
+        after_dp = fresh.store_ops
+    return {"activation": joined, "first tp collective": after_tp - joined,
+            "first dp collective": after_dp - after_tp}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+def _ratio_line(label: str, per_rank: list[dict[str, list[float]]], unit: float, name: str) -> str:
+    topo_t = [max(r["topo"][i] for r in per_rank) for i in range(len(per_rank[0]["topo"]))]
+    raw_t = [max(r["raw"][i] for r in per_rank) for i in range(len(per_rank[0]["raw"]))]
+    tm, rm = statistics.median(topo_t), statistics.median(raw_t)
+    tb, rb = min(topo_t), min(raw_t)
+    return (
+        f"{label:<34} topo {tm * unit:9.1f} {name} (best {tb * unit:8.1f})   raw {rm * unit:9.1f} "
+        f"{name} (best {rb * unit:8.1f})   topo/raw median {tm / rm:.3f}, best {tb / rb:.3f}"
+    )
+
+
+def main() -> None:
+    print(
+        f"# topo runtime benchmark: torch {torch.__version__}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs; times are the slowest rank's"
+    )
+    print("\n## 1. all_reduce of a 4-byte CPU tensor: host time per call (median over blocks)")
+    for mesh in (topo.DeviceMesh(tp=2), topo.DeviceMesh(dp=2, tp=2)):
+        res = topo.spawn(small_all_reduce, mesh, 40, 100, timeout=300)
+        print(_ratio_line(f"{mesh} ({mesh.size} ranks)", res, 1e6, "us"))
+
+    res = topo.spawn(layer_overhead, topo.DeviceMesh(tp=2), 20000, timeout=300)
+    print("topo's own work per call, no communication (best of 5 x 20000 calls, rank 0):")
+    for label, seconds in res[0].items():
+        print(f"  {label:<32} {seconds * 1e6:7.2f} us")
+    overhead = res[0]["topo.all_reduce (stub comm)"] - res[0]["stub comm called directly"]
+    print(f"  => topo layer {overhead * 1e6:.2f} us + out-of-place copy "
+          f"{res[0]['x.clone() of 4 bytes'] * 1e6:.2f} us per call")  # fmt: skip
+
+    print("\n## 2. all_reduce of 64 MiB: time per call and algbw")
+    nbytes = 64 * 2**20
+    for mesh in (topo.DeviceMesh(tp=2), topo.DeviceMesh(dp=2, tp=2)):
+        res = topo.spawn(large_all_reduce, mesh, 6, nbytes, timeout=600)
+        print(_ratio_line(f"{mesh} ({mesh.size} ranks)", res, 1e3, "ms"))
+        topo_t = statistics.median([max(r["topo"][i] for r in res) for i in range(6)])
+        raw_t = statistics.median([max(r["raw"][i] for r in res) for i in range(6)])
+        print(
+            f"{'':<34} algbw topo {nbytes / topo_t / 1e9:.3f} GB/s, raw {nbytes / raw_t / 1e9:.3f} "
+            f"GB/s, topo/raw algbw {raw_t / topo_t:.3f}"
+        )
+
+    print("\n## 3. activate dp=2 x tp=2 + one all_reduce per axis vs torch init_device_mesh (gloo)")
+    res = topo.spawn(activation_vs_init_device_mesh, topo.DeviceMesh(dp=2, tp=2), 5, timeout=300)
+    print(_ratio_line("4 ranks, 5 alternating reps", [
+        {"topo": r["topo"], "raw": r["torch"]} for r in res], 1e3, "ms"))  # fmt: skip
+    print(f"{'':<34} (raw = torch init_process_group + init_device_mesh + destroy)")
+
+    print("\n## 4. store operations per rank (min-max over ranks)")
+    for mesh in (topo.DeviceMesh(dp=2, tp=2), topo.DeviceMesh(dp=4, tp=2)):
+        res = topo.spawn(store_ops, mesh, timeout=300)
+        cells = []
+        for key in res[0]:
+            values = [r[key] for r in res]
+            cells.append(f"{key} {min(values)}-{max(values)}")
+        print(f"{f'{mesh} ({mesh.size} ranks)':<34} " + ", ".join(cells))
+    print("(tp has 2 ranks in both meshes; dp has 2 and 4: a group's rendezvous grows with the")
+    print(" group, not the world)")
+
+
+def _main_guard() -> Any:
+    return main()
+
+
+if __name__ == "__main__":
+    _main_guard()

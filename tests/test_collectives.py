@@ -1,0 +1,528 @@
+"""Collectives through topo.spawn (gloo on CPU), checked against references the parent computes.
+
+Each mesh is spawned once (module-scoped fixture); one spawned function runs every case on
+every axis and returns all results. The parent rebuilds every rank's inputs and computes what
+each rank should have received from the mesh's pure rank math (``mesh.group`` and
+``mesh.axis_index``), never by calling topo collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import _spawn_fns as fns
+import pytest
+import torch
+
+import topo
+from topo import DeviceMesh
+
+pytestmark = pytest.mark.multiprocess
+
+SPAWN_TIMEOUT = 120
+
+MESHES: dict[str, tuple[DeviceMesh, list[Any], list[str]]] = {
+    "dp2-tp2": (
+        DeviceMesh(dp=2, tp=2),
+        ["tp", "dp", ("dp", "tp"), ("tp", "dp")],
+        ["errors", "coordinator", "nested", "side_by_side", "threads", "reactivate", "store_ops"],
+    ),
+    "dp2-pp2-tp2": (
+        DeviceMesh(dp=2, pp=2, tp=2),
+        ["tp", "pp", "dp", ("dp", "tp"), ("pp", "tp"), ("dp", "pp", "tp")],
+        ["store_ops"],
+    ),
+    "dp2-pp1-tp2": (
+        DeviceMesh(dp=2, pp=1, tp=2),
+        ["pp", ("pp", "tp"), ("dp", "pp"), "dp"],
+        [],
+    ),
+}
+
+_REPORTS: dict[str, list[dict[str, Any]] | BaseException] = {}
+
+
+def _report(name: str) -> list[dict[str, Any]]:
+    """Spawn mesh ``name`` once per session (shared by the fixtures and the store-ops test);
+    a failed spawn is remembered too, so that it costs its time once."""
+    if name not in _REPORTS:
+        mesh, axes, extras = MESHES[name]
+        try:
+            _REPORTS[name] = topo.spawn(fns.mesh_main, mesh, axes, extras, timeout=SPAWN_TIMEOUT)
+        except Exception as error:
+            _REPORTS[name] = error
+    report = _REPORTS[name]
+    if isinstance(report, BaseException):
+        raise report
+    return report
+
+
+@pytest.fixture(scope="module", params=list(MESHES))
+def spawned(request: pytest.FixtureRequest) -> tuple[DeviceMesh, list[Any], list[dict[str, Any]]]:
+    mesh, axes, _ = MESHES[request.param]
+    return mesh, axes, _report(request.param)
+
+
+@pytest.fixture(scope="module")
+def dp2_tp2() -> list[dict[str, Any]]:
+    return _report("dp2-tp2")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _reduce(tensors: list[torch.Tensor], op: str) -> torch.Tensor:
+    stacked = torch.stack(tensors)
+    if op == "sum":
+        return stacked.sum(0, dtype=stacked.dtype)
+    if op == "avg":
+        return stacked.sum(0, dtype=stacked.dtype) / len(tensors)
+    if op == "max":
+        return stacked.amax(0)
+    if op == "min":
+        return stacked.amin(0)
+    assert op == "prod"
+    return stacked.prod(0, dtype=stacked.dtype)
+
+
+def reference(
+    mesh: DeviceMesh, axis: Any, rank: int, collective: str, name: str, kw: dict[str, Any]
+) -> Any:
+    """What ``rank`` should receive, from every rank's inputs and the pure rank math."""
+    group = mesh.group(axis, rank)
+    index = mesh.axis_index(axis, rank)
+    n = len(group)
+    assert group[index] == rank
+    xs = [fns.rank_inputs(g)[name] for g in group]
+    if collective == "all_reduce":
+        return _reduce(xs, kw["op"])
+    if collective == "all_gather":
+        return torch.cat(xs, kw["dim"])
+    if collective == "reduce_scatter":
+        return _reduce(xs, kw["op"]).chunk(n, kw["dim"])[index]
+    if collective == "broadcast":
+        return xs[kw["src"]]
+    if collective == "scatter":
+        return xs[kw["src"]].chunk(n, kw["dim"])[index]
+    if collective == "gather":
+        return torch.cat(xs, kw["dim"]) if index == kw["dst"] else None
+    if collective == "all_to_all":
+        return torch.cat([x.chunk(n, kw["split_dim"])[index] for x in xs], kw["concat_dim"])
+    if collective == "ppermute":
+        sources = [s for s, d in kw["perm"] if d == index]
+        return xs[sources[0]] if sources else torch.zeros_like(xs[index])
+    if collective == "shift":
+        src = index - kw["offset"]
+        if kw["wrap"]:
+            src %= n
+        return xs[src] if 0 <= src < n else torch.zeros_like(xs[index])
+    raise AssertionError(collective)
+
+
+def assert_same(actual: Any, expected: Any, approx: bool, where: str) -> None:
+    if expected is None:
+        assert actual is None, where
+        return
+    assert isinstance(actual, torch.Tensor), f"{where}: got {type(actual).__name__}"
+    assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
+    if approx:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=where)
+    else:
+        assert torch.equal(actual, expected), f"{where}:\n{actual}\n!=\n{expected}"
+
+
+def _approx(collective: str, kw: dict[str, Any], dtype: torch.dtype) -> bool:
+    """Float sums, averages and products may be rounded in another order than ours."""
+    return (
+        collective in ("all_reduce", "reduce_scatter")
+        and kw["op"] in ("sum", "avg", "prod")
+        and dtype.is_floating_point
+    )
+
+
+COLLECTIVES = [
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "scatter",
+    "gather",
+    "all_to_all",
+    "ppermute",
+    "shift",
+]
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@pytest.mark.parametrize("collective", COLLECTIVES)
+def test_collective_matches_reference(spawned: Any, collective: str) -> None:
+    mesh, axes, reports = spawned
+    checked = 0
+    for rank, report in enumerate(reports):
+        assert report["rank"] == rank
+        results = report["results"]
+        for axis in axes:
+            n = mesh.axis_size(axis)
+            for key, coll, name, kw in fns.cases(n):
+                if coll != collective:
+                    continue
+                expected = reference(mesh, axis, rank, coll, name, kw)
+                approx = _approx(coll, kw, fns.rank_inputs(0)[name].dtype)
+                assert_same(results[(axis, key)], expected, approx, f"rank {rank} {axis} {key}")
+                checked += 1
+    assert checked >= len(reports) * len(axes) * 4
+
+
+def test_axis_index_and_size(spawned: Any) -> None:
+    mesh, axes, reports = spawned
+    for rank, report in enumerate(reports):
+        for axis in axes:
+            assert report["results"][(axis, "axis_size")] == mesh.axis_size(axis)
+            assert report["results"][(axis, "axis_index")] == mesh.axis_index(axis, rank)
+
+
+def test_objects(spawned: Any) -> None:
+    mesh, axes, reports = spawned
+    for rank, report in enumerate(reports):
+        for axis in axes:
+            group = mesh.group(axis, rank)
+            got = report["results"]
+            assert got[(axis, "broadcast_object")] == fns.rank_object(group[-1])
+            assert got[(axis, "all_gather_object")] == [fns.rank_object(g) for g in group]
+
+
+def test_send_recv(spawned: Any) -> None:
+    mesh, axes, reports = spawned
+    checked = 0
+    for rank, report in enumerate(reports):
+        for axis in axes:
+            group = mesh.group(axis, rank)
+            n, me = len(group), mesh.axis_index(axis, rank)
+            got = report["results"]
+            expected: dict[str, torch.Tensor] = {}
+            if n >= 2 and me == 0:
+                expected["recv/c64"] = fns.rank_inputs(group[n - 1])["c64"]
+            if n >= 2 and me == n - 1:
+                expected["recv/f32"] = fns.rank_inputs(group[0])["f32"]
+            if n >= 3 and me == 2:
+                expected["recv/nc"] = fns.rank_inputs(group[1])["nc"]
+            for key in ("recv/c64", "recv/f32", "recv/nc"):
+                if key in expected:
+                    assert_same(got[(axis, key)], expected[key], False, f"rank {rank} {axis} {key}")
+                    checked += 1
+                else:
+                    assert (axis, key) not in got
+    assert checked > 0 or all(mesh.axis_size(a) == 1 for a in axes)
+
+
+def test_barriers(spawned: Any) -> None:
+    _, axes, reports = spawned
+    for report in reports:
+        for axis in axes:
+            assert report["results"][(axis, "barrier_marks")] is True
+
+
+def test_inputs_not_mutated(spawned: Any) -> None:
+    _, _, reports = spawned
+    for rank, report in enumerate(reports):
+        fresh = fns.rank_inputs(rank)
+        after = report["inputs_after"]
+        assert after.keys() == fresh.keys()
+        for name in fresh:
+            assert after[name].dtype == fresh[name].dtype
+            assert torch.equal(after[name], fresh[name]), f"rank {rank} input {name} changed"
+        assert not after["nc"].is_contiguous()  # the non-contiguous input really was one
+
+
+def test_ranks_ran_in_separate_processes(spawned: Any) -> None:
+    mesh, _, reports = spawned
+    assert len({r["pid"] for r in reports}) == mesh.size
+    assert [r["world"].rank for r in reports] == list(range(mesh.size))
+    assert {r["world"].world_size for r in reports} == {mesh.size}
+    assert os.getpid() not in {r["pid"] for r in reports}
+
+
+def test_size_one_axis_is_in_the_suite() -> None:
+    mesh, axes, _ = MESHES["dp2-pp1-tp2"]
+    assert mesh.axis_size("pp") == 1
+    assert "pp" in axes and ("pp", "tp") in axes
+
+
+# ----------------------------------------------------------------------------- contexts
+
+
+def _f32(rank: int) -> torch.Tensor:
+    return fns.rank_inputs(rank)["f32"]
+
+
+def test_errors_that_need_a_real_group(dp2_tp2: list[dict[str, Any]]) -> None:
+    mesh = MESHES["dp2-tp2"][0]
+    for rank, report in enumerate(dp2_tp2):
+        errors = report["errors"]
+        kind, message = errors["reduce_scatter_uneven"]
+        assert kind == "ValueError"
+        assert "divisible by the size 2 of axis 'tp'" in message and "x.shape[0] = 3" in message
+        kind, message = errors["scatter_uneven"]
+        assert kind == "ValueError" and "x.shape[1] = 3" in message
+        kind, message = errors["all_to_all_uneven"]
+        assert kind == "ValueError" and "axis 'dp'" in message
+        kind, message = errors["broadcast_src_range"]
+        assert kind == "ValueError"
+        assert "0 <= src < 2" in message and "not a global rank" in message and "got 2" in message
+        kind, message = errors["gather_dst_range"]
+        assert kind == "ValueError" and "0 <= dst < 4" in message
+        kind, message = errors["scatter_src_negative"]
+        assert kind == "ValueError" and "got -1" in message
+        kind, message = errors["broadcast_src_bool"]
+        assert kind == "TypeError" and "bool" in message
+        for name in ("ppermute_duplicate_dst", "ppermute_duplicate_src"):
+            kind, message = errors[name]
+            assert kind == "ValueError" and "at most once" in message
+        kind, message = errors["ppermute_range"]
+        assert kind == "ValueError" and "perm dst" in message and "got 2" in message
+        for name in ("send_self", "recv_self"):
+            kind, message = errors[name]
+            assert kind == "ValueError" and "own" in message
+        kind, message = errors["unknown_axis"]
+        assert kind == "ValueError" and "'ep'" in message
+        assert "'dp'" in message and "'tp'" in message
+        # the context is still usable: the errors were raised before any communication
+        group = mesh.group("tp", rank)
+        assert torch.equal(report["after_errors"], sum(_f32(g) for g in group))
+
+
+def test_coordinator_messages(dp2_tp2: list[dict[str, Any]]) -> None:
+    for rank, report in enumerate(dp2_tp2):
+        got = report["coordinator"]
+        assert got["is_master"] == (rank == 0)
+        assert got["is_local_master"] == (rank == 0)  # one node: local rank == rank
+        assert got["bcast_all"] == b"from-2"
+        if rank in (1, 3):
+            assert got["bcast_13"] == b"from-3"
+            assert got["gather_13"] == [{"r": 1}, {"r": 3}]
+        else:
+            assert "bcast_13" not in got
+        assert got["gather_all"] == [("rank", r, "x" * r) for r in range(4)]
+        for i in range(3):
+            assert got[f"bcast_round{i}"] == bytes([i, i])
+        assert "src requires a rank among [0, 1, 2, 3], but got 7" in got["bad_src"]
+
+
+def test_nested_contexts(dp2_tp2: list[dict[str, Any]]) -> None:
+    mesh = MESHES["dp2-tp2"][0]
+    everyone = sum(_f32(r) for r in range(4))
+    for rank, report in enumerate(dp2_tp2):
+        got = report["nested"]
+        assert got["depth"] == 2 and got["current_is_inner"]
+        assert (got["tp_size"], got["tp_index"]) == (4, rank)  # innermost mesh with tp wins
+        assert (got["dp_size"], got["dp_index"]) == (2, mesh.axis_index("dp", rank))
+        assert torch.equal(got["tp_sum"], everyone)
+        dp_sum = sum(_f32(g) for g in mesh.group("dp", rank))
+        assert torch.equal(got["dp_sum"], dp_sum)
+        assert got["depth2"] == 3
+        assert torch.equal(got["ab_gather"], torch.cat([_f32(r) for r in range(4)]))
+        b_group = DeviceMesh(a=2, b=2).group("b", rank)
+        assert torch.equal(got["b_gather"], torch.cat([_f32(g) for g in b_group]))
+        assert got["tp_size2"] == 4
+        assert torch.equal(got["dp_sum2"], dp_sum)
+        for name in ("'zz'", "'a'", "'b'", "'dp'", "'tp'"):
+            assert name in got["unknown"]
+        assert got["depth_after_ab"] == 2
+        assert "closed" in got["inner_repr"]
+        assert got["depth_after"] == 1 and got["current_is_outer"]
+        assert got["tp_size_after"] == 2
+        assert torch.equal(got["tp_sum_after"], sum(_f32(g) for g in mesh.group("tp", rank)))
+
+
+def test_two_meshes_side_by_side(dp2_tp2: list[dict[str, Any]]) -> None:
+    mesh = MESHES["dp2-tp2"][0]
+    grid = DeviceMesh(row=2, col=2)
+    for rank, report in enumerate(dp2_tp2):
+        got = report["side_by_side"]
+        assert got["depth"] == 3
+        assert torch.equal(got["xfer1"], sum(_f32(r) for r in range(4)))
+        assert torch.equal(got["col"], torch.cat([_f32(g) for g in grid.group("col", rank)]))
+        row = torch.stack([_f32(g) for g in grid.group("row", rank)]).amax(0)
+        assert torch.equal(got["row"], row)
+        assert torch.equal(got["xfer2"], _f32(3))
+        assert torch.equal(got["tp"], sum(_f32(g) for g in mesh.group("tp", rank)))
+
+
+def test_contexts_in_two_threads(dp2_tp2: list[dict[str, Any]]) -> None:
+    mesh = DeviceMesh(dp=2, tp=2)
+    for rank, report in enumerate(dp2_tp2):
+        got = report["threads"]
+        assert got["alive"] == [False, False]
+        for side in ("a", "b"):
+            assert "error" not in got[side], got[side]["error"]
+            assert got[side]["before"] == 0  # a new thread does not see the spawned context
+            assert got[side]["after"] == 0
+            assert got[side]["current_is_own"]
+        assert got["a"]["inside"] == [DeviceMesh(dp=2, tp=2)]
+        assert got["b"]["inside"] == [DeviceMesh(all4=4)]
+        tp_group = mesh.group("tp", rank)
+        for i, total in enumerate(got["a"]["sums"]):
+            assert torch.equal(total, sum(_f32(g) + i for g in tp_group))
+        for i, total in enumerate(got["b"]["sums"]):
+            assert torch.equal(total, sum(_f32(r) * 10 + i for r in range(4)))
+        assert torch.equal(got["a"]["gather"], torch.cat([_f32(g) for g in tp_group]))
+        assert torch.equal(got["b"]["gather"], torch.cat([_f32(r) * 10 for r in range(4)]))
+        # the spawning thread kept exactly its own context throughout
+        assert got["main_during"] == [True]
+        assert got["main_after"] == [True]
+
+
+def test_reactivation_does_not_pile_up_store_keys(dp2_tp2: list[dict[str, Any]]) -> None:
+    mesh = MESHES["dp2-tp2"][0]
+    for rank, report in enumerate(dp2_tp2):
+        got = report["reactivate"]
+        keys = got["keys"]
+        assert len(keys) == 6
+        # a few keys stay (the join counter, the last close round) but they do not grow
+        assert keys[1:] == [keys[1]] * 5, keys
+        assert max(keys) <= 8, keys
+        assert len(set(got["ops"])) <= 2, got["ops"]
+        for i in range(6):
+            expected_sum = sum(_f32(g) + i for g in mesh.group("tp", rank))
+            expected_gather = torch.cat([_f32(g) + i for g in mesh.group("dp", rank)])
+            assert torch.equal(got["sums"][2 * i], expected_sum)
+            assert torch.equal(got["sums"][2 * i + 1], expected_gather)
+
+
+def test_store_ops_do_not_grow_with_world_size() -> None:
+    small = sorted(r["store_ops"] for r in _report("dp2-tp2"))
+    large = sorted(r["store_ops"] for r in _report("dp2-pp2-tp2"))
+    # activation + one collective over tp (size 2 in both meshes): the same cost per rank
+    assert set(small) == set(large), (small, large)
+    assert max(large) < 40
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def _children() -> set[int]:
+    """Live child processes of this process, from /proc (no psutil); multiprocessing's
+    resource tracker (started by the first spawn, it lives as long as this process) aside."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == me and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def no_leftover_children() -> Iterator[None]:
+    before = _children()
+    yield
+    assert multiprocessing.active_children() == []
+    assert _children() - before == set()  # spawn has joined every rank before it returns
+
+
+@pytest.mark.usefixtures("no_leftover_children")
+def test_rank_that_raises() -> None:
+    start = time.monotonic()
+    with pytest.raises(topo.RankFailedError) as info:
+        topo.spawn(fns.raise_on_rank, DeviceMesh(dp=2, tp=2), 2, timeout=SPAWN_TIMEOUT)
+    elapsed = time.monotonic() - start
+    error = info.value
+    assert error.rank == 2
+    assert "rank 2 of DeviceMesh(dp=2, tp=2) raised KeyError" in str(error)
+    assert "deliberate failure on rank 2" in str(error)
+    assert "raise_on_rank" in error.remote_traceback  # the rank's own traceback
+    assert "Traceback" in str(error)
+    assert elapsed < 60  # the others (asleep for 100 s) were ended at once
+
+
+@pytest.mark.usefixtures("no_leftover_children")
+def test_rank_that_dies() -> None:
+    start = time.monotonic()
+    with pytest.raises(topo.RankFailedError) as info:
+        topo.spawn(fns.exit_on_rank, DeviceMesh(tp=2), 1, 3, timeout=SPAWN_TIMEOUT)
+    elapsed = time.monotonic() - start
+    assert info.value.rank == 1
+    assert "rank 1" in str(info.value) and "exit code 3" in str(info.value)
+    assert elapsed < 60
+
+
+@pytest.mark.usefixtures("no_leftover_children")
+def test_rank_that_never_arrives(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(topo.RankFailedError) as info:
+        topo.spawn(
+            fns.rank3_goes_missing,
+            DeviceMesh(dp=2, tp=2),
+            str(tmp_path),
+            3.0,
+            timeout=SPAWN_TIMEOUT,
+        )
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert info.value.rank in (0, 1, 2)
+    assert "RendezvousTimeout" in message
+    assert "barrier 'topo.barrier:dp.tp' timed out" in message
+    assert "rank(s) [3] of [0, 1, 2, 3] did not arrive" in message
+    assert "timed out after 3 s" in message
+    assert elapsed < 60
+    for rank in (0, 1, 2):
+        caught = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        activation = caught["activation"]
+        assert "activating DeviceMesh(a=4)" in activation
+        assert "rank(s) [3] of [0, 1, 2, 3] did not arrive" in activation
+        assert caught["activation_s"] < 10
+        kind, text = caught["communicator"]
+        assert kind in ("CommunicationTimeout", "CommunicationError"), text
+        assert "[3]" in text and "('dp', 'tp')" in text
+        assert caught["communicator_s"] < 15
+        kind, text = caught["collective"]
+        assert kind == "CommunicationTimeout", text
+        assert "all_reduce on axis 'every' group (0, 1, 2, 3) timed out after 3 s" in text
+        assert caught["collective_s"] < 15
+
+
+def test_concurrent_spawns_do_not_collide() -> None:
+    results: dict[int, Any] = {}
+
+    def launch(tag: int) -> None:
+        mesh = DeviceMesh(tp=2) if tag % 2 else DeviceMesh(tp=1)
+        try:
+            results[tag] = topo.spawn(
+                fns.small_job, mesh, tag, timeout=SPAWN_TIMEOUT, env={"TEST_TAG": f"t{tag}"}
+            )
+        except BaseException as error:
+            results[tag] = error
+
+    threads = [threading.Thread(target=launch, args=(tag,)) for tag in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SPAWN_TIMEOUT + 10)
+    assert sorted(results) == list(range(8))
+    for tag, result in results.items():
+        assert not isinstance(result, BaseException), f"spawn {tag}: {result}"
+        size = 2 if tag % 2 else 1
+        expected = float(sum(tag * 10 + r for r in range(size)))
+        assert [(t, r, total, env, var) for t, r, total, _, env, var in result] == [
+            (tag, r, expected, f"{r}/{size}", f"t{tag}") for r in range(size)
+        ]
+        assert len({port for _, _, _, port, _, _ in result}) == 1  # one store per spawn
+    assert multiprocessing.active_children() == []
