@@ -457,3 +457,11 @@ def test_doctests() -> None:
     result = doctest.testmod(topo.world, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 5
     assert result.failed == 0
+
+
+def test_contradiction_from_explicit_arguments_alone_is_blamed_on_them() -> None:
+    with pytest.raises(ValueError, match=r"World requires rank < world_size") as info:
+        World.from_env({}, rank=5, world_size=2)
+    assert not isinstance(info.value, WorldError)
+    with pytest.raises(WorldError, match=r"RANK=3.*explicit \['world_size'\]"):
+        World.from_env({"RANK": "3", "WORLD_SIZE": "4"}, world_size=2)

@@ -155,11 +155,16 @@ class World:
             return cls(**found)
         except ValueError as error:
             used = ", ".join(
-                f"{var}={environ[var]}" for var in variables.values() if var in environ
+                f"{var}={environ[var]}"
+                for field, var in variables.items()
+                if var in environ and field not in explicit
             )
+            if not used:
+                raise  # the explicit arguments alone are at fault: World's own message says so
+            given = f" and the explicit {sorted(explicit)}" if explicit else ""
             raise WorldError(
-                f"{error}; the values came from the {launcher} environment ({used}): fix those "
-                f"variables or pass explicit values"
+                f"{error}; the values came from the {launcher} environment ({used}){given}: fix "
+                f"those variables or pass explicit values"
             ) from None
 
 
