@@ -449,3 +449,27 @@ def small_job(tag: int) -> tuple[int, int, float, int, str, str]:
     total = topo.all_reduce(torch.tensor([float(tag * 10 + ctx.rank)]), "tp")
     env = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
     return tag, ctx.rank, float(total.item()), ctx.world.master_port, env, os.environ["TEST_TAG"]
+
+
+def back_to_back_on_own_store(times: int) -> list[float]:
+    """Activate a mesh several times in a row on a world whose store rank 0 hosts itself
+    (nothing else keeps that server alive between activations, as under srun or mpirun)."""
+    import socket
+
+    ctx = topo.current()
+    if ctx.rank == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        payload: bytes | None = str(port).encode()
+    else:
+        payload = None
+    port = int(ctx.coordinator.broadcast(payload, src=0))
+    world = topo.World(rank=ctx.rank, world_size=ctx.world.world_size, master_port=port)
+    sums = []
+    for i in range(times):
+        with DeviceMesh(a=world.world_size).activate(world, timeout=60):
+            sums.append(float(topo.all_reduce(torch.tensor([float(i)]), axis="a").item()))
+        with DeviceMesh(a=world.world_size).activate(world, timeout=60):
+            pass  # an empty block: the quickest close-then-join
+    return sums

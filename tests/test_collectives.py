@@ -526,3 +526,11 @@ def test_concurrent_spawns_do_not_collide() -> None:
         ]
         assert len({port for _, _, _, port, _, _ in result}) == 1  # one store per spawn
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.multiprocess
+def test_back_to_back_activations_on_a_rank0_hosted_store() -> None:
+    # Rank 0's store shuts down as each activation ends; a fast peer's next activation must
+    # reach the new one, not fail on the old (the srun / mpirun case).
+    results = topo.spawn(fns.back_to_back_on_own_store, DeviceMesh(a=3), 6, timeout=SPAWN_TIMEOUT)
+    assert results == [[3.0 * i for i in range(6)]] * 3

@@ -332,3 +332,42 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+class _NeverDone:
+    def query(self) -> bool:
+        return False
+
+
+def test_synchronize_times_out_and_aborts_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contextlib
+    from datetime import timedelta
+
+    c, comm, _ = _fake_communicator(monkeypatch)
+    c.timeout = timedelta(seconds=0.05)
+    comm.check_async_error = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NeverDone())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    with pytest.raises(
+        topo.CommunicationTimeout, match=r"barrier on axis 'tp' group \(0,\) timed out"
+    ):
+        c.synchronize("barrier")
+    assert comm.calls[-1] == ("abort",)
+
+
+def test_synchronize_reports_async_nccl_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    c, comm, fake = _fake_communicator(monkeypatch)
+
+    def failed() -> None:
+        raise fake.NcclError("remote process exited")  # type: ignore[attr-defined]
+
+    comm.check_async_error = failed  # type: ignore[attr-defined]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NeverDone())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    with pytest.raises(topo.CommunicationError, match="remote process exited"):
+        c.synchronize("barrier")
+    assert comm.calls[-1] == ("abort",)

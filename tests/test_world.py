@@ -123,10 +123,35 @@ def test_slurm_nodelist_fallback_variable() -> None:
     assert World.from_env(env).master_addr == "cn12"
 
 
-def test_slurm_without_nodelist_uses_loopback() -> None:
+def test_single_node_slurm_without_nodelist_uses_loopback() -> None:
+    env = _slurm(SLURM_NTASKS_PER_NODE="8", SLURM_NODEID="0")
+    del env["SLURM_JOB_NODELIST"]
+    world = World.from_env(env)
+    assert world.master_addr == "127.0.0.1" and world.is_local
+
+
+def test_multi_node_world_without_master_addr_is_an_error() -> None:
     env = _slurm()
     del env["SLURM_JOB_NODELIST"]
-    assert World.from_env(env).master_addr == "127.0.0.1"
+    with pytest.raises(WorldError, match=r"requires MASTER_ADDR for a world that spans nodes"):
+        World.from_env(env)
+    mpi = {
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+    }
+    with pytest.raises(WorldError, match="MASTER_ADDR"):
+        World.from_env(mpi)
+    world = World.from_env({**mpi, "MASTER_ADDR": "10.1.2.3"})
+    assert world.master_addr == "10.1.2.3" and not world.is_local
+
+
+def test_is_local_needs_one_node_and_a_loopback_store() -> None:
+    assert World(rank=0, world_size=2).is_local
+    assert World(rank=0, world_size=2, master_addr="localhost").is_local
+    assert not World(rank=0, world_size=2, master_addr="node7").is_local
+    assert not World(rank=0, world_size=4, local_world_size=2).is_local
 
 
 @pytest.mark.parametrize(
@@ -148,6 +173,7 @@ def test_slurm_tasks_per_node(
         "SLURM_NTASKS": "11",
         "SLURM_LOCALID": localid,
         "SLURM_TASKS_PER_NODE": tasks_per_node,
+        "SLURM_JOB_NODELIST": "n[1-3]",
     }
     if node_id is not None:
         env["SLURM_NODEID"] = node_id

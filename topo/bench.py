@@ -156,7 +156,7 @@ class _RawGroup:
         )
         options: Any = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         options._timeout = timedelta(seconds=ctx.timeout.total_seconds())
-        options._devices = _gloo_devices(ctx.world.is_single_node)
+        options._devices = _gloo_devices(ctx.world.is_local)
         self.index = ctx.axis_index(names)
         self.size = ctx.axis_size(names)
         self.pg: Any = dist.ProcessGroupGloo(store, self.index, self.size, options)

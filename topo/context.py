@@ -154,7 +154,8 @@ class MeshContext:
 
     @property
     def device(self) -> torch.device:
-        """The CUDA device of this rank: the one given at activation, else ``cuda:{local_rank}``.
+        """The CUDA device of this rank: the one given at activation, else ``cuda:{local_rank}``
+        (``cuda:0`` when the process sees a single GPU, as with one GPU per task).
 
         Example::
 
@@ -162,6 +163,8 @@ class MeshContext:
         """
         if self._device is not None:
             return self._device
+        if torch.cuda.is_available() and torch.cuda.device_count() == 1:
+            return torch.device("cuda", 0)
         return torch.device("cuda", self.world.local_rank)
 
     @property
@@ -237,7 +240,7 @@ class MeshContext:
                 ranks,
                 label,
                 lambda: GlooCommunicator(
-                    store, ranks, index, self.timeout, self.world.is_single_node, label
+                    store, ranks, index, self.timeout, self.world.is_local, label
                 ),
             )
         if device_type == "cuda":

@@ -3,8 +3,9 @@
 One :class:`Coordinator` serves one activation. Rank 0 hosts a ``TCPStore`` at the world's
 master address and port (several activations in one process share it: the store is
 multi-tenant) unless the caller passes a store, or torchrun's agent hosts one. Every activation
-draws a fresh key prefix from a join ticket, so re-activating never reads stale keys, and keys
-of finished rounds are deleted as soon as every rank has passed them, so keys do not pile up.
+draws a fresh key prefix from a join ticket, so re-activating never reads stale keys; a round's
+keys are deleted once every rank has passed it (at the next barrier of the same ranks, or when
+the activation closes), so keys do not pile up.
 
 Every wait is bounded by the activation's timeout; a timeout names the ranks that did not
 arrive.
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import topo._dist as dist
-from topo.errors import RendezvousTimeout
+from topo.errors import RendezvousTimeout, StoreLostError
 from topo.world import World
 
 __all__ = ["Coordinator", "CountingStore"]
@@ -177,20 +180,26 @@ class Coordinator:
 
             coord = Coordinator.join(world, timeout=timedelta(seconds=30), namespace="topo/dp2.tp2")
         """
-        base = store if store is not None else connect_store(world, timeout)
-        counting = CountingStore(base)
-        try:
-            ticket = counting.add(f"{namespace}/join", 1)
-        except RuntimeError as error:
-            raise RendezvousTimeout(
-                f"rank {world.rank} could not reach the rendezvous store for {label} "
-                f"({str(error).splitlines()[0]}); is rank 0 running?"
-            ) from None
-        generation = (ticket - 1) // world.world_size
-        coordinator = cls(counting, world, f"{namespace}/{generation}", timeout, label)
-        coordinator._base_store = base  # keeps a hosted TCPStore alive with the coordinator
-        coordinator.barrier("join")
-        return coordinator
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            left = timedelta(seconds=max(deadline - time.monotonic(), 0.001))
+            base = store if store is not None else connect_store(world, left)
+            counting = CountingStore(base)
+            try:
+                with _guard(f"rank {world.rank} joining for {label}"):
+                    ticket = counting.add(f"{namespace}/join", 1)
+                generation = (ticket - 1) // world.world_size
+                coordinator = cls(counting, world, f"{namespace}/{generation}", timeout, label)
+                coordinator._base_store = base  # keeps a hosted TCPStore alive with it
+                coordinator.barrier("join")
+                return coordinator
+            except StoreLostError:
+                # Right after a previous activation rank 0's old store may still be shutting
+                # down: a peer that reached it reconnects to rank 0's new one.
+                retry = store is None and world.rank != 0 and time.monotonic() < deadline
+                if not retry:
+                    raise
+                time.sleep(0.05)
 
     # ------------------------------------------------------------------ queries
 
@@ -238,8 +247,8 @@ class Coordinator:
 
     # --------------------------------------------------------------- operations
 
-    def barrier(self, name: str = "barrier", ranks: Sequence[int] | None = None) -> None:
-        """Block until every rank (or every rank in ``ranks``) arrives.
+    def barrier(self, name: str = "barrier", ranks: Sequence[int] | None = None) -> str:
+        """Block until every rank (or every rank in ``ranks``) arrives; returns the round's key.
 
         On timeout raises :class:`RendezvousTimeout` naming the ranks that did not arrive.
 
@@ -247,7 +256,11 @@ class Coordinator:
 
             coord.barrier()
         """
-        members = tuple(range(self.world_size)) if ranks is None else tuple(ranks)
+        members = self._members(ranks, "barrier")
+        with _guard(f"{self.label}: barrier {name!r} on rank {self.rank}"):
+            return self._barrier(name, members)
+
+    def _barrier(self, name: str, members: tuple[int, ...]) -> str:
         members_id = _ranks_id(members, self.world_size)
         scope = f"barrier/{name}/{members_id}"
         base = self.key(scope, self._next_round(scope))
@@ -263,6 +276,27 @@ class Coordinator:
         if f"{base}/done" in self.store.written:
             pending += [f"{base}/done", f"{base}/count"]
         self._pending_deletes[members_id] = pending
+        return base
+
+    def _members(self, ranks: Sequence[int] | None, what: str) -> tuple[int, ...]:
+        if ranks is None:
+            return tuple(range(self.world_size))
+        members = tuple(ranks)
+        if (
+            not members
+            or list(members) != sorted(set(members))
+            or not 0 <= members[0] <= members[-1] < self.world_size
+        ):
+            raise ValueError(
+                f"{what} ranks requires distinct global ranks in increasing order, each in "
+                f"0..{self.world_size - 1}, but got {list(members)}"
+            )
+        if self.rank not in members:
+            raise ValueError(
+                f"{what} ranks requires this rank ({self.rank}) among them, but got "
+                f"{list(members)}; only the members call it"
+            )
+        return members
 
     def broadcast(
         self, data: bytes | None, src: int = 0, ranks: Sequence[int] | None = None
@@ -300,7 +334,11 @@ class Coordinator:
 
             hosts = coord.all_gather_object(socket.gethostname())
         """
-        members = tuple(range(self.world_size)) if ranks is None else tuple(ranks)
+        members = self._members(ranks, "all_gather_object")
+        with _guard(f"{self.label}: all_gather_object on rank {self.rank}"):
+            return self._all_gather_object(obj, members)
+
+    def _all_gather_object(self, obj: Any, members: tuple[int, ...]) -> list[Any]:
         scope = f"gather/{_ranks_id(members, self.world_size)}"
         base = self.key(scope, self._next_round(scope))
         self.store.set(f"{base}/{self.rank}", pickle.dumps(obj))
@@ -320,10 +358,13 @@ class Coordinator:
 
             coord.close()
         """
-        self.barrier("close")
+        with _guard(f"{self.label}: closing on rank {self.rank}"):
+            self._close()
+
+    def _close(self) -> None:
+        close = self._barrier("close", tuple(range(self.world_size)))
         # Every rank has passed every earlier round: its own keys can go, except the close
         # round's, which ranks may still be reading; rank 0 deletes those once all have left.
-        close = self.key("barrier/close/all/0")
         keep = {f"{close}/done", f"{close}/count"}
         leftovers = {k for keys in self._pending_deletes.values() for k in keys}
         self._pending_deletes = {}
@@ -347,6 +388,8 @@ class Coordinator:
         try:
             self.store.wait(keys, self.timeout)
         except RuntimeError as error:
+            if _is_connection_loss(error):
+                raise
             missing = list(members)
             if arrived is not None:
                 with contextlib.suppress(RuntimeError):  # the store itself may be gone
@@ -357,6 +400,31 @@ class Coordinator:
                 f"arrive; check that they are running and call the same topo operations in "
                 f"the same order, or raise the timeout ({str(error).splitlines()[0]})"
             ) from None
+
+
+def _is_connection_loss(error: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    text = str(error)
+    return "DistNetworkError" in names or any(
+        s in text for s in ("Connection reset", "Broken pipe", "likely closed", "Failed to recv")
+    )
+
+
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    """Turn a broken store connection into :class:`StoreLostError` naming ``what``."""
+    try:
+        yield
+    except StoreLostError:
+        raise
+    except RuntimeError as error:
+        if not _is_connection_loss(error):
+            raise
+        raise StoreLostError(
+            f"{what}: the connection to the rendezvous store broke ({str(error).splitlines()[0]})"
+            f"; its host (rank 0, unless the store was passed in or torchrun hosts it) has "
+            f"exited or closed it: look for an error on rank 0"
+        ) from None
 
 
 def _ranks_id(members: tuple[int, ...], world_size: int) -> str:

@@ -8,7 +8,9 @@ __all__ = [
     "CommunicationTimeout",
     "NoActiveMeshError",
     "RankFailedError",
+    "RendezvousError",
     "RendezvousTimeout",
+    "StoreLostError",
     "TopoError",
 ]
 
@@ -17,8 +19,16 @@ class TopoError(Exception):
     """Base class of topo's own runtime errors."""
 
 
-class RendezvousTimeout(TopoError, TimeoutError):
+class RendezvousError(TopoError, RuntimeError):
+    """A rendezvous through the store failed."""
+
+
+class RendezvousTimeout(RendezvousError, TimeoutError):
     """Some ranks did not reach a rendezvous (activation, barrier, broadcast) in time."""
+
+
+class StoreLostError(RendezvousError):
+    """The rendezvous store's connection broke: its host (rank 0 by default) has gone."""
 
 
 class CommunicationError(TopoError, RuntimeError):

@@ -1,6 +1,6 @@
 """``topo.spawn``: run one function on every rank of a mesh, in local processes.
 
-For tests, notebooks and one-machine runs. Rank 0 hosts the rendezvous store on a port the
+For tests, scripts and one-machine runs. Rank 0 hosts the rendezvous store on a port the
 kernel gives it (held from the moment it is bound, so concurrent spawns never collide) and
 reports it; the parent passes it on to the other ranks. Each rank activates the mesh, runs
 the function inside it and sends back its return value (pickled: tensors come back intact).
@@ -77,6 +77,13 @@ def spawn(
             raise ValueError(
                 f"spawn {name} requires a positive, finite number of seconds, but got {value!r}"
             )
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
+        raise TypeError(
+            f"spawn requires fn to be importable by the new processes, but {fn!r} is defined "
+            f"in an interactive __main__ (python -c, a REPL or a notebook); define it in a "
+            f"module file and import it"
+        )
     try:
         payload = pickle.dumps((fn, args))
     except Exception as error:
@@ -128,7 +135,7 @@ class _Launch:
                     target=_child_main,
                     args=(spec, child_end, life_read),
                     name=f"topo-rank-{rank}",
-                    daemon=True,
+                    daemon=False,  # ranks may start processes (DataLoader workers) too
                 )
                 proc.start()
                 child_end.close()
@@ -199,7 +206,8 @@ class _Launch:
         code = self.procs[rank].exitcode
         raise RankFailedError(
             f"rank {rank} of {self.mesh!r} died without a result (exit code "
-            f"{code}{_signal_name(code)}); the other ranks were stopped",
+            f"{code}{_signal_name(code)}); the other ranks were stopped. A script that calls "
+            f"topo.spawn at top level needs `if __name__ == '__main__':` around the call",
             rank=rank,
         )
 
@@ -262,6 +270,7 @@ def _die_with_parent(lifeline: mpc.Connection) -> None:
 
 
 def _child_main(spec: _ChildSpec, conn: mpc.Connection, lifeline: mpc.Connection) -> None:
+    os.environ.update(spec.env)  # before anything imports torch: OMP_NUM_THREADS etc. apply
     _die_with_parent(lifeline)
     try:
         result = _run_rank(spec, conn)
@@ -277,7 +286,6 @@ def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
     import topo._dist as dist
     from topo.world import World
 
-    os.environ.update(spec.env)
     if spec.share_gpu:
         os.environ.update(
             {

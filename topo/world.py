@@ -101,6 +101,19 @@ class World:
         return self.rank // self.local_world_size
 
     @property
+    def is_local(self) -> bool:
+        """True when every rank runs on this node and the store is on the loopback address,
+        so communication can stay on loopback.
+
+        Example::
+
+            >>> World(rank=0, world_size=4).is_local
+            True
+        """
+        loopback = self.master_addr in ("localhost", "::1") or self.master_addr.startswith("127.")
+        return self.is_single_node and loopback
+
+    @property
     def is_single_node(self) -> bool:
         """True when every rank of the world runs on this node.
 
@@ -152,7 +165,7 @@ class World:
                     f"{variables[key]}, or pass {key}=... explicitly"
                 )
         try:
-            return cls(**found)
+            world = cls(**found)
         except ValueError as error:
             used = ", ".join(
                 f"{var}={environ[var]}"
@@ -166,6 +179,13 @@ class World:
                 f"{error}; the values came from the {launcher} environment ({used}){given}: fix "
                 f"those variables or pass explicit values"
             ) from None
+        if world.local_world_size < world.world_size and "master_addr" not in found:
+            raise WorldError(
+                f"World.from_env requires MASTER_ADDR for a world that spans nodes "
+                f"({world.world_size} ranks, {world.local_world_size} on this node), but found "
+                f"none: export MASTER_ADDR=<address of rank 0's node> on every rank"
+            )
+        return world
 
 
 def _read_int(env: Mapping[str, str], name: str) -> int | None:

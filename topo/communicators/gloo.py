@@ -44,12 +44,12 @@ _TORCH_OPS: dict[str, Any] = {
 }
 
 
-def _gloo_devices(single_node: bool) -> list[object]:
+def _gloo_devices(local: bool) -> list[object]:
     gloo = dist.ProcessGroupGloo
     interfaces = os.environ.get("GLOO_SOCKET_IFNAME")
     if interfaces:
         return [gloo.create_device(interface=name) for name in interfaces.split(",") if name]
-    if single_node:
+    if local:
         return [gloo.create_device(hostname="127.0.0.1")]
     return [gloo.create_default_device()]
 
@@ -68,7 +68,7 @@ class GlooCommunicator:
     Example::
 
         comm = GlooCommunicator(prefix_store, ranks=(0, 1), index=0, timeout=timedelta(seconds=60),
-                                single_node=True, label="axis 'tp' group (0, 1)")
+                                local=True, label="axis 'tp' group (0, 1)")
         comm.all_reduce(torch.ones(2), "sum")
     """
 
@@ -80,7 +80,7 @@ class GlooCommunicator:
         ranks: tuple[int, ...],
         index: int,
         timeout: timedelta,
-        single_node: bool,
+        local: bool,
         label: str,
     ) -> None:
         self.ranks = ranks
@@ -89,7 +89,7 @@ class GlooCommunicator:
         self.timeout = timeout
         options: Any = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         options._timeout = timeout
-        options._devices = _gloo_devices(single_node)
+        options._devices = _gloo_devices(local)
         try:
             # typed Any: torch's stubs do not declare the Backend collective methods
             self._pg: Any = dist.ProcessGroupGloo(store, index, len(ranks), options)

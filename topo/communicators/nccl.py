@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import time
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ import torch
 
 from topo.communicators.base import ReduceOp
 from topo.communicators.nccl_types import NCCL_DTYPES, NCCL_OPS, nccl_dtype
-from topo.errors import BackendUnavailableError, CommunicationError
+from topo.errors import BackendUnavailableError, CommunicationError, CommunicationTimeout
 
 if TYPE_CHECKING:
     from topo.coordinator import Coordinator
@@ -96,6 +98,7 @@ class NcclCommunicator:
         index: int,
         device: torch.device,
         label: str,
+        timeout: timedelta = timedelta(seconds=300),
     ) -> None:
         self._nccl = nccl
         self._comm: Any = comm
@@ -103,6 +106,7 @@ class NcclCommunicator:
         self.index = index
         self.device = device
         self.label = label
+        self.timeout = timeout
         self._native_avg = int(nccl.get_version()) >= 21000
 
     @classmethod
@@ -114,6 +118,7 @@ class NcclCommunicator:
         index: int,
         device: torch.device,
         label: str,
+        timeout: timedelta = timedelta(seconds=300),
     ) -> NcclCommunicator:
         """Create the group's communicator: all of ``ranks`` must call this together.
 
@@ -149,7 +154,7 @@ class NcclCommunicator:
                 f"distinct NCCL_HOSTID per rank (topo.spawn(..., share_gpu=True) does), and "
                 f"see NCCL_DEBUG=INFO"
             ) from None
-        return cls(nccl, comm, ranks, index, device, label)
+        return cls(nccl, comm, ranks, index, device, label, timeout)
 
     @property
     def size(self) -> int:
@@ -302,9 +307,45 @@ class NcclCommunicator:
     def barrier(self) -> None:
         flag = torch.zeros(1, device=self.device)
         self.all_reduce(flag, "sum")
-        torch.cuda.current_stream(self.device).synchronize()
+        self.synchronize("barrier")
+
+    def synchronize(self, what: str = "synchronize") -> None:
+        """Wait for the current stream, at most the activation's timeout; on expiry (a peer
+        never joined a collective) or an asynchronous NCCL error, abort the communicator and
+        raise instead of hanging.
+
+        Example::
+
+            comm.synchronize()
+        """
+        stream = torch.cuda.current_stream(self.device)
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        pause = 1e-5
+        while not stream.query():
+            comm = self._live()
+            try:
+                comm.check_async_error()
+            except self._nccl.NcclError as error:
+                self.close(abort=True)
+                raise CommunicationError(
+                    f"{what} on {self.label} failed in NCCL: {error}"
+                ) from None
+            if time.monotonic() > deadline:
+                self.close(abort=True)
+                raise CommunicationTimeout(
+                    f"{what} on {self.label} timed out after {self.timeout.total_seconds():g} s "
+                    f"(global ranks {list(self.ranks)}): a peer did not join a collective; the "
+                    f"NCCL communicator was aborted"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
 
     def close(self, abort: bool = False) -> None:
+        if self._comm is None:
+            return
+        if not abort:
+            with contextlib.suppress(CommunicationError):
+                self.synchronize("closing")  # aborts (and empties self._comm) on a hang
         comm, self._comm = self._comm, None
         if comm is None:
             return
@@ -312,5 +353,4 @@ class NcclCommunicator:
             if abort:
                 comm.abort()
             else:
-                torch.cuda.current_stream(self.device).synchronize()
                 comm.destroy()
