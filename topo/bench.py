@@ -20,7 +20,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -32,16 +33,18 @@ __all__ = ["BenchConfig", "add_arguments", "aggregate", "format_table", "run", "
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
 
 #: nccl-tests' bus-bandwidth factors.
-BUS_FACTORS: dict[str, Callable[[int], float]] = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_to_all": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-}
+BUS_FACTORS: Mapping[str, Callable[[int], float]] = MappingProxyType(
+    {
+        "all_reduce": lambda n: 2 * (n - 1) / n,
+        "all_gather": lambda n: (n - 1) / n,
+        "reduce_scatter": lambda n: (n - 1) / n,
+        "all_to_all": lambda n: (n - 1) / n,
+        "broadcast": lambda n: 1.0,
+    }
+)
 
-_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
-          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}  # fmt: skip
+_UNITS = MappingProxyType({"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3})  # fmt: skip
 
 
 def parse_size(text: str) -> int:
@@ -53,7 +56,7 @@ def parse_size(text: str) -> int:
         67108864
     """
     match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else None
+    unit = match.group(2).upper() if match else ""
     if match is None or unit not in _UNITS:
         raise ValueError(
             f"a size requires a number with an optional unit (B, K, M, G, KiB, MiB, GiB), "
@@ -185,14 +188,9 @@ class _RawGroup:
 
 
 def _torch_op(op: str) -> Any:
-    import torch.distributed as tdist
+    from topo.communicators.gloo import TORCH_REDUCE_OPS
 
-    return {
-        "sum": tdist.ReduceOp.SUM,
-        "max": tdist.ReduceOp.MAX,
-        "min": tdist.ReduceOp.MIN,
-        "prod": tdist.ReduceOp.PRODUCT,
-    }[op]
+    return TORCH_REDUCE_OPS[op]
 
 
 def _inputs(collective: str, size: int, n: int, itemsize: int) -> int | None:
@@ -523,10 +521,11 @@ def _config_from_args(args: argparse.Namespace, mesh: DeviceMesh) -> BenchConfig
             f"--collectives requires names from {', '.join(COLLECTIVES)}, but got "
             f"{args.collectives!r}"
         )
-    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        raise ValueError(
-            f"--dtype requires a torch dtype name like float32, but got {args.dtype!r}"
-        )
+    from topo.communicators.gloo import GLOO_REDUCE_DTYPES
+
+    if getattr(torch, args.dtype, None) not in GLOO_REDUCE_DTYPES:
+        valid = ", ".join(sorted(str(d).removeprefix("torch.") for d in GLOO_REDUCE_DTYPES))
+        raise ValueError(f"--dtype requires one of {valid}, but got {args.dtype!r}")
     low, high = parse_size(args.min_bytes), parse_size(args.max_bytes)
     if not 0 < low <= high or args.factor < 2:
         raise ValueError(

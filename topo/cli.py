@@ -1,4 +1,4 @@
-"""The ``topo`` command line: ``topo plan`` now, more subcommands through :data:`COMMANDS`.
+"""The ``topo`` command line: ``topo plan`` and ``topo bench`` (see :data:`COMMANDS`).
 
 Importing this module is cheap (no torch): subcommands import what they need when they run.
 
@@ -87,17 +87,6 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The subcommands, in help order.
-COMMANDS: list[Command] = [
-    Command(
-        "plan",
-        "show a mesh's groups, a rank's neighbours and node placement",
-        _add_plan_arguments,
-        _run_plan,
-    ),
-]
-
-
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from topo import bench
 
@@ -110,16 +99,23 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
-# A subcommand module provides add_arguments(parser) and run(args) -> int, and imports torch
-# inside run (not at module level) so that `topo plan` stays fast.
-COMMANDS.append(
+#: The subcommands, in help order. A subcommand module provides add_arguments(parser) and
+#: run(args) -> int, and imports torch inside run (not at module level) so that `topo plan`
+#: stays fast.
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "plan",
+        "show a mesh's groups, a rank's neighbours and node placement",
+        _add_plan_arguments,
+        _run_plan,
+    ),
     Command(
         "bench",
         "time every collective over a size sweep against raw torch ProcessGroup calls "
         "(nccl-tests format)",
         _add_bench_arguments,
         _run_bench,
-    )
+    ),
 )
 
 

@@ -44,7 +44,8 @@ def _as_timedelta(timeout: float | timedelta | None) -> timedelta:
             timeout = float(env)
         except ValueError:
             raise ValueError(
-                f"TOPO_TIMEOUT requires a number of seconds, but got {env!r}"
+                f"TOPO_TIMEOUT requires a number of seconds, but got {env!r}; set it like "
+                f"TOPO_TIMEOUT=300 or unset it"
             ) from None
     if isinstance(timeout, timedelta):
         seconds = timeout.total_seconds()

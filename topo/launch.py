@@ -27,10 +27,11 @@ from typing import Any, NoReturn
 
 from topo.errors import RankFailedError
 from topo.mesh import DeviceMesh
+from topo.world import LOOPBACK
 
 __all__ = ["spawn"]
 
-_LOOPBACK = "127.0.0.1"
+_LOOPBACK = LOOPBACK
 
 
 def spawn(

@@ -53,7 +53,10 @@ def recv(
     """
     ctx, names, n = find_context(axis, "recv")
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"topo.recv dtype requires a torch.dtype, but got {type(dtype).__name__}")
+        raise TypeError(
+            f"topo.recv dtype requires a torch.dtype like torch.float32, but got "
+            f"{type(dtype).__name__} {dtype!r}"
+        )
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
     try:
@@ -138,9 +141,11 @@ def shift(x: torch.Tensor, axis: Axis, offset: int = 1, wrap: bool = True) -> to
     ctx, names, n = find_context(axis, "shift")
     check_tensor(x, "shift")
     if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"topo.shift offset requires an int, but got {type(offset).__name__}")
+        raise TypeError(
+            f"topo.shift offset requires an int, but got {type(offset).__name__} {offset!r}"
+        )
     if not isinstance(wrap, bool):
-        raise TypeError(f"topo.shift wrap requires a bool, but got {type(wrap).__name__}")
+        raise TypeError(f"topo.shift wrap requires a bool, but got {type(wrap).__name__} {wrap!r}")
     me = ctx.axis_index(names)
     dst: int | None = me + offset
     src: int | None = me - offset

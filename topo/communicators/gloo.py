@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -35,13 +36,16 @@ GLOO_REDUCE_DTYPES = frozenset(
     }
 )
 
-_TORCH_OPS: dict[str, Any] = {
-    "sum": dist.ReduceOp.SUM,
-    "avg": dist.ReduceOp.SUM,  # gloo has no AVG: sum, then divide
-    "max": dist.ReduceOp.MAX,
-    "min": dist.ReduceOp.MIN,
-    "prod": dist.ReduceOp.PRODUCT,
-}
+#: topo reduce op → torch ReduceOp (gloo has no AVG: "avg" sums, then divides).
+TORCH_REDUCE_OPS: Mapping[str, Any] = MappingProxyType(
+    {
+        "sum": dist.ReduceOp.SUM,
+        "avg": dist.ReduceOp.SUM,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+        "prod": dist.ReduceOp.PRODUCT,
+    }
+)
 
 
 def _gloo_devices(local: bool) -> list[object]:
@@ -72,8 +76,6 @@ class GlooCommunicator:
         comm.all_reduce(torch.ones(2), "sum")
     """
 
-    device_type = "cpu"
-
     def __init__(
         self,
         store: dist.Store,
@@ -96,7 +98,7 @@ class GlooCommunicator:
         except RuntimeError as error:
             raise self._error("creating the gloo communicator", error) from None
         self._reduce_options: dict[str, dist.AllreduceOptions] = {}
-        for name, op in _TORCH_OPS.items():
+        for name, op in TORCH_REDUCE_OPS.items():
             opts = dist.AllreduceOptions()
             opts.reduceOp = op
             self._reduce_options[name] = opts
@@ -110,7 +112,11 @@ class GlooCommunicator:
     def pg(self) -> Any:
         """The underlying torch process group (raises once closed)."""
         if self._pg is None:
-            raise CommunicationError(f"{self.label}: the gloo communicator is closed")
+            raise CommunicationError(
+                f"{self.label}: collectives require an open communicator, but this gloo "
+                f"communicator is closed (its mesh context has ended); call collectives inside "
+                f"the `with mesh.activate():` block"
+            )
         return self._pg
 
     def _error(self, operation: str, error: BaseException) -> CommunicationError:
@@ -123,7 +129,9 @@ class GlooCommunicator:
                 f"[gloo: {text}]"
             )
         return CommunicationError(
-            f"{operation} on {self.label} failed (global ranks {list(self.ranks)}) [gloo: {text}]"
+            f"{operation} on {self.label} failed (global ranks {list(self.ranks)}) [gloo: {text}]; "
+            f"a peer may have died or called a different collective: check the other ranks' "
+            f"errors"
         )
 
     def _wait(self, work: dist.Work, operation: str) -> None:

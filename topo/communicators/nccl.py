@@ -88,8 +88,6 @@ class NcclCommunicator:
         y = comm.all_reduce(torch.ones(4, device="cuda:0"), "sum")
     """
 
-    device_type = "cuda"
-
     def __init__(
         self,
         nccl: ModuleType,
@@ -175,7 +173,11 @@ class NcclCommunicator:
 
     def _live(self) -> Any:
         if self._comm is None:
-            raise CommunicationError(f"{self.label}: the NCCL communicator is closed")
+            raise CommunicationError(
+                f"{self.label}: collectives require an open communicator, but this NCCL "
+                f"communicator is closed (its context ended or it was aborted after an error); "
+                f"call collectives inside the `with mesh.activate():` block"
+            )
         return self._comm
 
     @contextlib.contextmanager

@@ -6,27 +6,32 @@ GPU and handed to any cupy build.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 
 __all__ = ["NCCL_DTYPES", "NCCL_OPS", "NCCL_REDUCE_DTYPES", "nccl_dtype"]
 
 #: torch dtype → ncclDataType_t.
-NCCL_DTYPES: dict[torch.dtype, int] = {
-    torch.int8: 0,  # ncclInt8
-    torch.uint8: 1,  # ncclUint8
-    torch.int32: 2,  # ncclInt32
-    torch.int64: 4,  # ncclInt64
-    torch.float16: 6,  # ncclFloat16
-    torch.float32: 7,  # ncclFloat32
-    torch.float64: 8,  # ncclFloat64
-    torch.bfloat16: 9,  # ncclBfloat16 (NCCL >= 2.10)
-}
+NCCL_DTYPES: Mapping[torch.dtype, int] = MappingProxyType(
+    {
+        torch.int8: 0,  # ncclInt8
+        torch.uint8: 1,  # ncclUint8
+        torch.int32: 2,  # ncclInt32
+        torch.int64: 4,  # ncclInt64
+        torch.float16: 6,  # ncclFloat16
+        torch.float32: 7,  # ncclFloat32
+        torch.float64: 8,  # ncclFloat64
+        torch.bfloat16: 9,  # ncclBfloat16 (NCCL >= 2.10)
+    }
+)
 
 #: Dtypes NCCL can reduce (all of the map above).
 NCCL_REDUCE_DTYPES = frozenset(NCCL_DTYPES)
 
 #: topo reduce op → ncclRedOp_t (ncclAvg needs NCCL >= 2.10).
-NCCL_OPS: dict[str, int] = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
+NCCL_OPS: Mapping[str, int] = MappingProxyType({"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4})
 
 _UINT8 = NCCL_DTYPES[torch.uint8]
 
