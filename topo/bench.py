@@ -427,7 +427,12 @@ def format_table(rows: Sequence[dict[str, Any]], header: str = "") -> str:
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as CSV with a header line."""
+    """The rows as CSV with a header line.
+
+    Example::
+
+        print(to_csv(aggregate(per_rank)))
+    """
     out = io.StringIO()
     fields = ["collective", "axis", "ranks", *[c[0] for c in _COLUMNS], "iters"]
     writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
@@ -437,7 +442,12 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
-    """Save busbw against size, one line per collective and axis, to ``path`` (PNG)."""
+    """Save busbw against size, one line per collective and axis, to ``path`` (PNG).
+
+    Example::
+
+        plot(aggregate(per_rank), "bench.png")
+    """
     try:
         import matplotlib
 
@@ -471,7 +481,12 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare ``topo bench``'s options."""
+    """Declare ``topo bench``'s options.
+
+    Example::
+
+        add_arguments(argparse.ArgumentParser())
+    """
     parser.add_argument(
         "spec",
         nargs="*",
@@ -565,7 +580,12 @@ def _launched() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``topo bench`` from parsed arguments; returns the exit status (1 if #wrong > 0)."""
+    """Run ``topo bench`` from parsed arguments; returns the exit status (1 if #wrong > 0).
+
+    Example::
+
+        run(parser.parse_args(["dp=2", "tp=2", "-e", "1M"]))
+    """
     import platform
 
     import torch

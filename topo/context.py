@@ -119,7 +119,12 @@ class MeshContext:
         return info
 
     def has_axis(self, axis: Axis) -> bool:
-        """Whether every name in ``axis`` is an axis of this mesh."""
+        """Whether every name in ``axis`` is an axis of this mesh.
+
+        Example::
+
+            ctx.has_axis(("dp", "tp"))   # True for DeviceMesh(dp=2, tp=2)
+        """
         names = (axis,) if isinstance(axis, str) else axis
         try:
             return all(name in self.mesh.shape for name in names)
@@ -170,7 +175,12 @@ class MeshContext:
 
     @property
     def store_ops(self) -> int:
-        """Store operations this rank has made since activation (rendezvous cost)."""
+        """Store operations this rank has made since activation (rendezvous cost).
+
+        Example::
+
+            ctx.store_ops   # 4 right after activating, whatever the world size
+        """
         return self.coordinator.store.ops
 
     # -------------------------------------------------------------- communicators
@@ -330,7 +340,12 @@ def current() -> MeshContext:
 
 
 def find_context(axis: Axis, operation: str) -> tuple[MeshContext, tuple[str, ...], int]:
-    """The innermost context whose mesh has ``axis``, with the axis names and group size."""
+    """The innermost context whose mesh has ``axis``, with the axis names and group size.
+
+    Example::
+
+        ctx, names, n = find_context("tp", "all_reduce")   # names == ("tp",)
+    """
     stack = _ACTIVE.get()
     for ctx in reversed(stack):
         try:

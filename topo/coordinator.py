@@ -205,12 +205,22 @@ class Coordinator:
 
     @property
     def rank(self) -> int:
-        """This process's global rank."""
+        """This process's global rank.
+
+        Example::
+
+            coord.rank   # 3 on the fourth process
+        """
         return self.world.rank
 
     @property
     def world_size(self) -> int:
-        """Number of ranks in the world."""
+        """Number of ranks in the world.
+
+        Example::
+
+            coord.world_size   # 8 under torchrun --nproc-per-node=8
+        """
         return self.world.world_size
 
     @property
@@ -237,7 +247,12 @@ class Coordinator:
         return self.world.local_rank == 0
 
     def key(self, *parts: object) -> str:
-        """A store key under this activation's prefix."""
+        """A store key under this activation's prefix.
+
+        Example::
+
+            coord.key("nccl", "tp", 0)   # 'topo/dp2.tp2/0/nccl/tp/0'
+        """
         return "/".join([self.prefix, *map(str, parts)])
 
     def _next_round(self, scope: str) -> int:
