@@ -18,6 +18,7 @@ import torch
 
 import topo._dist as dist
 from topo.communicators.base import ReduceOp
+from topo.communicators.buffers import BufferPool
 from topo.errors import CommunicationError, CommunicationTimeout
 
 __all__ = ["GLOO_REDUCE_DTYPES", "GlooCommunicator"]
@@ -103,6 +104,7 @@ class GlooCommunicator:
             opts.reduceOp = op
             self._reduce_options[name] = opts
         self._barrier_options = dist.BarrierOptions()
+        self.buffers = BufferPool()
 
     @property
     def size(self) -> int:
@@ -143,14 +145,15 @@ class GlooCommunicator:
     # ------------------------------------------------------------- collectives
 
     def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        y = x.clone()
+        y = self.buffers.empty_like(x)
+        y.copy_(x)
         self._wait(self.pg.allreduce([y], self._reduce_options[op]), "all_reduce")
         if op == "avg":
             y /= self.size
         return y
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        out = self.buffers.empty((self.size, *x.shape), x.dtype)
         moved, src = _as_bytes(out), _as_bytes(x)
         self._wait(self.pg.allgather([list(moved.unbind(0))], [src]), "all_gather")
         return out
@@ -165,7 +168,9 @@ class GlooCommunicator:
         return received.amax(0) if op == "max" else received.amin(0)
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        y = x.clone() if self.index == src else torch.empty_like(x)
+        y = self.buffers.empty_like(x)
+        if self.index == src:
+            y.copy_(x)
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         self._wait(self.pg.broadcast([_as_bytes(y)], opts), "broadcast")
@@ -177,12 +182,12 @@ class GlooCommunicator:
         if self.index != dst:
             self._wait(self.pg.gather([], [_as_bytes(x)], opts), "gather")
             return None
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        out = self.buffers.empty((self.size, *x.shape), x.dtype)
         self._wait(self.pg.gather([list(_as_bytes(out).unbind(0))], [_as_bytes(x)], opts), "gather")
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        out = torch.empty(x.shape[1:], dtype=x.dtype)
+        out = self.buffers.empty(x.shape[1:], x.dtype)
         opts = dist.ScatterOptions()
         opts.rootRank = src
         inputs = [list(_as_bytes(x).unbind(0))] if self.index == src else []
@@ -190,7 +195,7 @@ class GlooCommunicator:
         return out
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
+        out = self.buffers.empty_like(x)
         work = self.pg.alltoall_base(_as_bytes(out), _as_bytes(x), [], [], dist.AllToAllOptions())
         self._wait(work, "all_to_all")
         return out
@@ -209,6 +214,7 @@ class GlooCommunicator:
         self._wait(self.pg.barrier(self._barrier_options), "barrier")
 
     def close(self, abort: bool = False) -> None:
+        self.buffers.clear()
         pg, self._pg = self._pg, None
         if pg is not None and abort and hasattr(pg, "abort"):
             with contextlib.suppress(RuntimeError):

@@ -1,0 +1,76 @@
+"""BufferPool: large outputs reuse memory nobody refers to; referenced memory never is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from topo.communicators.buffers import BufferPool
+
+MIB = 1 << 20
+
+
+def test_small_outputs_are_plain_allocations() -> None:
+    pool = BufferPool()
+    small = pool.empty((16,), torch.float32)
+    assert small.shape == (16,) and pool.held_bytes == 0
+
+
+def test_a_dropped_output_is_reused_and_a_held_one_is_not() -> None:
+    pool = BufferPool()
+    first = pool.empty((MIB,), torch.float32)
+    ptr = first.data_ptr()
+    second = pool.empty((MIB,), torch.float32)  # first still held: new memory
+    assert second.data_ptr() != ptr
+    del first
+    third = pool.empty((MIB,), torch.float32)
+    assert third.data_ptr() == ptr and third.shape == (MIB,) and third.is_contiguous()
+    assert pool.held_bytes == 8 * MIB
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        lambda t: t[10:],  # a view
+        lambda t: t.numpy(),  # a NumPy array sharing the memory
+        lambda t: t.untyped_storage(),  # the storage object itself
+        lambda t: t.view(torch.int32),  # a reinterpreting view
+    ],
+    ids=["view", "numpy", "storage", "int32-view"],
+)
+def test_memory_still_referenced_in_any_way_is_never_reused(keep: object) -> None:
+    pool = BufferPool()
+    out = pool.empty((MIB,), torch.float32)
+    out.fill_(7.0)
+    alias = keep(out)  # type: ignore[operator]
+    ptr = out.data_ptr()
+    del out
+    again = pool.empty((MIB,), torch.float32)
+    again.fill_(0.0)
+    assert again.data_ptr() != ptr
+    if isinstance(alias, torch.UntypedStorage):
+        kept = torch.empty(0).set_(alias)  # type: ignore[call-overload]
+    else:
+        kept = torch.as_tensor(alias)
+    assert float(kept.view(torch.float32).flatten()[0]) == 7.0
+
+
+def test_shape_and_dtype_may_differ_for_the_same_byte_size() -> None:
+    pool = BufferPool()
+    a = pool.empty((2, MIB // 2), torch.float32)
+    ptr = a.data_ptr()
+    del a
+    b = pool.empty((MIB // 2, 4), torch.bfloat16)  # 4 MiB as well
+    assert b.data_ptr() == ptr and b.shape == (MIB // 2, 4) and b.dtype == torch.bfloat16
+
+
+def test_cap_and_clear_and_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = BufferPool(max_bytes=4 * MIB)
+    held = [pool.empty((MIB,), torch.float32), pool.empty((MIB,), torch.float32)]
+    assert pool.held_bytes == 4 * MIB  # the second was not pooled: over the cap
+    pool.clear()
+    assert pool.held_bytes == 0 and held[0].shape == (MIB,)
+    monkeypatch.setenv("TOPO_REUSE_BUFFERS", "0")
+    off = BufferPool()
+    off.empty((MIB,), torch.float32)
+    assert not off.enabled and off.held_bytes == 0
