@@ -7,8 +7,8 @@ import torch
 from topo.collectives._common import (
     check_dim,
     check_index,
-    check_tensor,
     concat_chunks,
+    device_type,
     stack_chunks,
 )
 from topo.context import find_context
@@ -29,11 +29,11 @@ def all_gather(x: torch.Tensor, axis: Axis, dim: int = 0) -> torch.Tensor:
             # tensor([0, 1]) on both ranks
     """
     ctx, names, n = find_context(axis, "all_gather")
-    check_tensor(x, "all_gather")
+    device = device_type(x, "all_gather")
     d = check_dim(x, dim, "all_gather")
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
-    stacked = ctx.communicator(names, x.device.type).all_gather(x.contiguous())
+    stacked = ctx.communicator(names, device).all_gather(x.contiguous())
     return concat_chunks(stacked, d)
 
 
@@ -48,12 +48,12 @@ def gather(x: torch.Tensor, axis: Axis, dst: int = 0, dim: int = 0) -> torch.Ten
             y = topo.gather(torch.ones(2), axis="pp", dst=3)   # shape (8,) on index 3 only
     """
     ctx, names, n = find_context(axis, "gather")
-    check_tensor(x, "gather")
+    device = device_type(x, "gather")
     d = check_dim(x, dim, "gather")
     root = check_index(dst, n, "gather", "dst", axis)
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
-    stacked = ctx.communicator(names, x.device.type).gather(x.contiguous(), root)
+    stacked = ctx.communicator(names, device).gather(x.contiguous(), root)
     return None if stacked is None else concat_chunks(stacked, d)
 
 
@@ -70,13 +70,11 @@ def all_to_all(
             y = topo.all_to_all(torch.tensor([0, 1]) + 10 * topo.axis_index("ep"), axis="ep")
     """
     ctx, names, n = find_context(axis, "all_to_all")
-    check_tensor(x, "all_to_all")
+    device = device_type(x, "all_to_all")
     sd = check_dim(x, split_dim, "all_to_all", "split_dim")
     cd = check_dim(x, concat_dim, "all_to_all", "concat_dim")
     stacked = stack_chunks(x, sd, n, "all_to_all", axis)
-    if n > 1:
-        stacked = ctx.communicator(names, x.device.type).all_to_all(stacked)
-    else:
-        stacked = stacked.clone()  # a contiguous x's chunks are a view of x: copy
+    # With n == 1 a contiguous x's chunks are a view of x: copy them.
+    stacked = ctx.communicator(names, device).all_to_all(stacked) if n > 1 else stacked.clone()
     # stacked[j] is the chunk received from index j (x's layout, split_dim shrunk by n).
     return concat_chunks(stacked, cd)

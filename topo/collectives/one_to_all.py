@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from topo.collectives._common import check_dim, check_index, check_tensor, stack_chunks
+from topo.collectives._common import check_dim, check_index, device_type, stack_chunks
 from topo.context import find_context
 from topo.mesh import Axis
 
@@ -22,11 +22,11 @@ def broadcast(x: torch.Tensor, axis: Axis, src: int = 0) -> torch.Tensor:
             w = topo.broadcast(weights, axis="dp", src=0)
     """
     ctx, names, n = find_context(axis, "broadcast")
-    check_tensor(x, "broadcast")
+    device = device_type(x, "broadcast")
     root = check_index(src, n, "broadcast", "src", axis)
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
-    return ctx.communicator(names, x.device.type).broadcast(x.contiguous(), root)
+    return ctx.communicator(names, device).broadcast(x.contiguous(), root)
 
 
 def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Tensor:
@@ -42,10 +42,10 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
             # index 0: tensor([0, 1]); index 1: tensor([2, 3])
     """
     ctx, names, n = find_context(axis, "scatter")
-    check_tensor(x, "scatter")
+    device = device_type(x, "scatter")
     d = check_dim(x, dim, "scatter")
     root = check_index(src, n, "scatter", "src", axis)
     stacked = stack_chunks(x, d, n, "scatter", axis)
     if n == 1:
         return stacked[0].clone()
-    return ctx.communicator(names, x.device.type).scatter(stacked, root)
+    return ctx.communicator(names, device).scatter(stacked, root)

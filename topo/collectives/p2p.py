@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from topo.collectives._common import check_index, check_tensor
+from topo.collectives._common import check_index, check_tensor, device_type
 from topo.context import MeshContext, find_context
 from topo.mesh import Axis
 
@@ -24,7 +24,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
                 topo.send(activations, axis="pp", dst=1)
     """
     ctx, names, n = find_context(axis, "send")
-    check_tensor(x, "send")
+    device = device_type(x, "send")
     peer = check_index(dst, n, "send", "dst", axis)
     me = ctx.axis_index(names)
     if peer == me:
@@ -32,7 +32,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
             f"topo.send dst requires another index than this rank's own ({me}) along axis "
             f"{axis!r}, but got {peer}"
         )
-    comm = ctx.pair_communicator(names, peer, x.device.type)
+    comm = ctx.pair_communicator(names, peer, device)
     comm.exchange([(1 - comm.index, x.contiguous())], [])
 
 

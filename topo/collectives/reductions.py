@@ -7,7 +7,6 @@ import torch
 from topo.collectives._common import (
     check_dim,
     check_reduce,
-    check_tensor,
     device_type,
     stack_chunks,
 )
@@ -51,10 +50,10 @@ def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, op: ReduceOp = "su
             # index 0: tensor([0., 2.]); index 1: tensor([4., 6.])
     """
     ctx, names, n = find_context(axis, "reduce_scatter")
-    check_tensor(x, "reduce_scatter")
-    check_reduce(x, op, "reduce_scatter")
+    device = device_type(x, "reduce_scatter")
+    check_reduce(x, op, "reduce_scatter", device)
     d = check_dim(x, dim, "reduce_scatter")
     stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
     if n == 1:
         return stacked[0].clone()
-    return ctx.communicator(names, x.device.type).reduce_scatter(stacked, op)
+    return ctx.communicator(names, device).reduce_scatter(stacked, op)
