@@ -397,6 +397,16 @@ def test_world_type_errors(kwargs: dict[str, object]) -> None:
         World(**kwargs)  # type: ignore[arg-type]
 
 
+def test_world_master_addr_type_error() -> None:
+    with pytest.raises(TypeError, match="master_addr requires a host name"):
+        World(rank=0, world_size=1, master_addr=None)  # type: ignore[arg-type]
+
+
+def test_world_blank_master_addr_from_env() -> None:
+    with pytest.raises(WorldError, match="MASTER_ADDR requires"):
+        World.from_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "  "})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
@@ -410,7 +420,6 @@ def test_world_type_errors(kwargs: dict[str, object]) -> None:
         ({"rank": 0, "world_size": 1, "master_port": 65536}, "65535"),
         ({"rank": 0, "world_size": 1, "master_port": -1}, "non-negative"),
         ({"rank": 0, "world_size": 1, "master_addr": ""}, "master_addr"),
-        ({"rank": 0, "world_size": 1, "master_addr": None}, "master_addr"),
     ],
 )
 def test_world_value_errors(kwargs: dict[str, object], fragment: str) -> None:

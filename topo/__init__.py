@@ -15,6 +15,9 @@ Example::
 
 ``import topo`` is light: the rank math needs no torch, and the runtime (which imports torch)
 loads on first use of one of its names.
+
+The public names are the ``__all__`` of the modules below (each name is written once, in the
+module that defines it); ``topo.__all__``, attribute lookup and ``dir(topo)`` derive from them.
 """
 
 from __future__ import annotations
@@ -22,140 +25,56 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from topo.mesh import Axis, DeviceMesh, Placement, parse_mesh
+from topo.mesh import *  # noqa: F403  (pure rank math: loaded eagerly)
 
-if TYPE_CHECKING:
-    from topo.collectives import (
-        all_gather,
-        all_gather_object,
-        all_reduce,
-        all_to_all,
-        axis_index,
-        axis_size,
-        barrier,
-        broadcast,
-        broadcast_object,
-        gather,
-        ppermute,
-        recv,
-        reduce_scatter,
-        scatter,
-        send,
-        shift,
-    )
-    from topo.context import MeshContext, activate, active_contexts, current
-    from topo.coordinator import Coordinator
-    from topo.errors import (
-        BackendUnavailableError,
-        CommunicationError,
-        CommunicationTimeout,
-        NoActiveMeshError,
-        RankFailedError,
-        RendezvousError,
-        RendezvousTimeout,
-        StoreLostError,
-        TopoError,
-    )
-    from topo.graphs import graph_capture
-    from topo.launch import spawn
-    from topo.world import World, WorldError
+if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
+    from topo.collectives import *  # noqa: F403
+    from topo.context import *  # noqa: F403
+    from topo.coordinator import *  # noqa: F403
+    from topo.errors import *  # noqa: F403
+    from topo.graphs import *  # noqa: F403
+    from topo.launch import *  # noqa: F403
+    from topo.world import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    **dict.fromkeys(
-        [
-            "all_gather",
-            "all_gather_object",
-            "all_reduce",
-            "all_to_all",
-            "axis_index",
-            "axis_size",
-            "barrier",
-            "broadcast",
-            "broadcast_object",
-            "gather",
-            "ppermute",
-            "recv",
-            "reduce_scatter",
-            "scatter",
-            "send",
-            "shift",
-        ],
-        "topo.collectives",
-    ),
-    **dict.fromkeys(["MeshContext", "activate", "active_contexts", "current"], "topo.context"),
-    "Coordinator": "topo.coordinator",
-    **dict.fromkeys(
-        [
-            "BackendUnavailableError",
-            "CommunicationError",
-            "CommunicationTimeout",
-            "NoActiveMeshError",
-            "RankFailedError",
-            "RendezvousError",
-            "RendezvousTimeout",
-            "StoreLostError",
-            "TopoError",
-        ],
-        "topo.errors",
-    ),
-    "graph_capture": "topo.graphs",
-    "spawn": "topo.launch",
-    "World": "topo.world",
-    "WorldError": "topo.world",
-}
+#: The modules whose ``__all__`` topo re-exports besides ``topo.mesh``: those that need no
+#: torch first, so that ``topo.World`` or ``topo.TopoError`` never import it.
+_LAZY_MODULES = (
+    "topo.errors",
+    "topo.world",
+    "topo.launch",
+    "topo.context",
+    "topo.coordinator",
+    "topo.collectives",
+    "topo.graphs",
+)
+_EAGER_MODULES = ("topo.mesh",)
 
-__all__ = [
-    "Axis",
-    "BackendUnavailableError",
-    "CommunicationError",
-    "CommunicationTimeout",
-    "Coordinator",
-    "DeviceMesh",
-    "MeshContext",
-    "NoActiveMeshError",
-    "Placement",
-    "RankFailedError",
-    "RendezvousError",
-    "RendezvousTimeout",
-    "StoreLostError",
-    "TopoError",
-    "World",
-    "WorldError",
-    "activate",
-    "active_contexts",
-    "all_gather",
-    "all_gather_object",
-    "all_reduce",
-    "all_to_all",
-    "axis_index",
-    "axis_size",
-    "barrier",
-    "broadcast",
-    "broadcast_object",
-    "current",
-    "gather",
-    "graph_capture",
-    "parse_mesh",
-    "ppermute",
-    "recv",
-    "reduce_scatter",
-    "scatter",
-    "send",
-    "shift",
-    "spawn",
-]
+
+def _public_names() -> dict[str, str]:
+    """Every public name → the module that defines it (imports the lazy modules)."""
+    found: dict[str, str] = {}
+    for module in (*_EAGER_MODULES, *_LAZY_MODULES):
+        for name in importlib.import_module(module).__all__:
+            found.setdefault(name, module)
+    return found
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'topo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    if name == "__all__":
+        value: Any = sorted(_public_names())
+    else:
+        for module in _LAZY_MODULES:
+            loaded = importlib.import_module(module)
+            if name in loaded.__all__:
+                value = getattr(loaded, name)
+                break
+        else:
+            raise AttributeError(f"module 'topo' has no attribute {name!r}")
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_public_names()))

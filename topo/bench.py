@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from topo.errors import TopoValueError
 from topo.mesh import DeviceMesh, parse_mesh
 
 __all__ = ["BenchConfig", "add_arguments", "aggregate", "format_table", "run", "run_rank"]
@@ -58,7 +59,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else ""
     if match is None or unit not in _UNITS:
-        raise ValueError(
+        raise TopoValueError(
             f"a size requires a number with an optional unit (B, K, M, G, KiB, MiB, GiB), "
             f"like 64M, but got {text!r}"
         )
@@ -454,7 +455,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError(
+        raise TopoValueError(
             "topo bench --plot requires matplotlib, which is not installed; "
             "pip install 'topo[plot]' (or matplotlib)"
         ) from None
@@ -532,7 +533,7 @@ def _config_from_args(args: argparse.Namespace, mesh: DeviceMesh) -> BenchConfig
     collectives = tuple(c.strip() for c in args.collectives.split(",") if c.strip())
     unknown = [c for c in collectives if c not in COLLECTIVES]
     if unknown or not collectives:
-        raise ValueError(
+        raise TopoValueError(
             f"--collectives requires names from {', '.join(COLLECTIVES)}, but got "
             f"{args.collectives!r}"
         )
@@ -540,10 +541,10 @@ def _config_from_args(args: argparse.Namespace, mesh: DeviceMesh) -> BenchConfig
 
     if getattr(torch, args.dtype, None) not in GLOO_REDUCE_DTYPES:
         valid = ", ".join(sorted(str(d).removeprefix("torch.") for d in GLOO_REDUCE_DTYPES))
-        raise ValueError(f"--dtype requires one of {valid}, but got {args.dtype!r}")
+        raise TopoValueError(f"--dtype requires one of {valid}, but got {args.dtype!r}")
     low, high = parse_size(args.min_bytes), parse_size(args.max_bytes)
     if not 0 < low <= high or args.factor < 2:
-        raise ValueError(
+        raise TopoValueError(
             f"sizes require 0 < --min-bytes <= --max-bytes and --factor >= 2, but got "
             f"{low}, {high} and {args.factor}"
         )
@@ -557,9 +558,9 @@ def _config_from_args(args: argparse.Namespace, mesh: DeviceMesh) -> BenchConfig
     else:
         axes = tuple((name,) for name, s in mesh.shape.items() if s > 1)
     if not axes:
-        raise ValueError(f"topo bench requires an axis of size > 1, but mesh {mesh} has none")
+        raise TopoValueError(f"topo bench requires an axis of size > 1, but mesh {mesh} has none")
     if args.seconds <= 0 or args.reps < 1:
-        raise ValueError(
+        raise TopoValueError(
             f"--seconds requires > 0 and --reps >= 1, but got {args.seconds} and {args.reps}"
         )
     return BenchConfig(

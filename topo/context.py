@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 import topo._dist as dist
+from topo._checks import as_timedelta
 from topo.communicators.base import Communicator
 from topo.coordinator import Coordinator
-from topo.errors import CommunicationError, NoActiveMeshError
+from topo.errors import CommunicationError, NoActiveMeshError, TopoTypeError, TopoValueError
 from topo.mesh import Axis, DeviceMesh
 from topo.world import World
 
-__all__ = ["DEFAULT_TIMEOUT", "MeshContext", "activate", "active_contexts", "current"]
+__all__ = ["MeshContext", "activate", "active_contexts", "current"]
 
 #: Default bound on every wait of an activation (TOPO_TIMEOUT overrides, in seconds).
 DEFAULT_TIMEOUT = timedelta(seconds=300)
@@ -35,30 +36,20 @@ _ACTIVE: contextvars.ContextVar[tuple[MeshContext, ...]] = contextvars.ContextVa
 )
 
 
-def _as_timedelta(timeout: float | timedelta | None) -> timedelta:
-    if timeout is None:
-        env = os.environ.get("TOPO_TIMEOUT")
-        if not env:
-            return DEFAULT_TIMEOUT
-        try:
-            timeout = float(env)
-        except ValueError:
-            raise ValueError(
-                f"TOPO_TIMEOUT requires a number of seconds, but got {env!r}; set it like "
-                f"TOPO_TIMEOUT=300 or unset it"
-            ) from None
-    if isinstance(timeout, timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        seconds = float(timeout)
-    else:
-        raise TypeError(
-            f"timeout requires seconds (int or float) or a timedelta, but got "
-            f"{type(timeout).__name__} {timeout!r}"
-        )
-    if not seconds > 0:
-        raise ValueError(f"timeout requires a positive duration, but got {seconds:g} s")
-    return timedelta(seconds=seconds)
+def _as_timedelta(timeout: object) -> timedelta:
+    if timeout is not None:
+        return as_timedelta(timeout, "activate timeout")
+    env = os.environ.get("TOPO_TIMEOUT")
+    if not env:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(env)
+    except ValueError:
+        raise TopoValueError(
+            f"TOPO_TIMEOUT requires a number of seconds, but got {env!r}; set it like "
+            f"TOPO_TIMEOUT=300 or unset it"
+        ) from None
+    return as_timedelta(seconds, "TOPO_TIMEOUT")
 
 
 class MeshContext:
@@ -260,7 +251,7 @@ class MeshContext:
             return NcclCommunicator.create(
                 self.coordinator, scope, ranks, index, self.device, label
             )
-        raise ValueError(
+        raise TopoValueError(
             f"collectives require a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) device, but got "
             f"device type {device_type!r}; move the tensor with .cpu() or .cuda()"
         )
@@ -361,14 +352,14 @@ def find_context(axis: Axis, operation: str) -> tuple[MeshContext, tuple[str, ..
             f"`with mesh.activate():` around the call (or run it under topo.spawn)"
         )
     if not isinstance(axis, (str, tuple, list)):
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.{operation} axis requires an axis name or a tuple of names, but got "
             f"{type(axis).__name__} {axis!r}"
         )
     if len(stack) == 1:
         stack[0].mesh.normalize_axis(axis)  # raises the mesh's own error naming valid axes
     valid = sorted({name for ctx in stack for name in ctx.mesh.axis_names})
-    raise ValueError(
+    raise TopoValueError(
         f"topo.{operation} got axis {axis!r}, which no active mesh has; valid axes are "
         f"{', '.join(repr(v) for v in valid)} (active: {', '.join(repr(c.mesh) for c in stack)})"
     )
@@ -398,13 +389,13 @@ def activate(
             y = topo.all_reduce(x, axis="tp")
     """
     if not isinstance(mesh, DeviceMesh):
-        raise TypeError(f"activate requires a DeviceMesh, but got {type(mesh).__name__}")
+        raise TopoTypeError(f"activate requires a DeviceMesh, but got {type(mesh).__name__}")
     if world is None:
         world = World.from_env()
     elif not isinstance(world, World):
-        raise TypeError(f"activate world requires a topo.World, but got {type(world).__name__}")
+        raise TopoTypeError(f"activate world requires a topo.World, but got {type(world).__name__}")
     if mesh.size != world.world_size:
-        raise ValueError(
+        raise TopoValueError(
             f"mesh {mesh} = {mesh.size} does not match world size {world.world_size}; set "
             f"WORLD_SIZE={mesh.size} (launch {mesh.size} processes) or change the mesh"
         )
@@ -432,13 +423,13 @@ def _as_cuda_device(device: torch.device | str | int | None) -> torch.device | N
     if device is None:
         return None
     if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
-        raise TypeError(
+        raise TopoTypeError(
             f"activate device requires a torch.device, a str like 'cuda:0' or an int, but got "
             f"{type(device).__name__} {device!r}"
         )
     dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if dev.type != "cuda":
-        raise ValueError(
+        raise TopoValueError(
             f"activate device requires a CUDA device (CPU tensors always use gloo), but got "
             f"{dev}; pass device='cuda:0' or leave it out"
         )

@@ -23,10 +23,10 @@ from datetime import timedelta
 from typing import Any
 
 import topo._dist as dist
-from topo.errors import RendezvousTimeout, StoreLostError
+from topo.errors import RendezvousTimeout, StoreLostError, TopoTypeError, TopoValueError
 from topo.world import World
 
-__all__ = ["Coordinator", "CountingStore"]
+__all__ = ["Coordinator"]
 
 
 class CountingStore(dist.Store):
@@ -302,12 +302,12 @@ class Coordinator:
             or list(members) != sorted(set(members))
             or not 0 <= members[0] <= members[-1] < self.world_size
         ):
-            raise ValueError(
+            raise TopoValueError(
                 f"{what} ranks requires distinct global ranks in increasing order, each in "
                 f"0..{self.world_size - 1}, but got {list(members)}"
             )
         if self.rank not in members:
-            raise ValueError(
+            raise TopoValueError(
                 f"{what} ranks requires this rank ({self.rank}) among them, but got "
                 f"{list(members)}; only the members call it"
             )
@@ -324,12 +324,12 @@ class Coordinator:
         """
         members = tuple(range(self.world_size)) if ranks is None else tuple(ranks)
         if src not in members:
-            raise ValueError(f"broadcast src requires a rank among {list(members)}, but got {src}")
+            raise TopoValueError(f"broadcast src requires a rank among {list(members)}, but got {src}")
         scope = f"bcast/{_ranks_id(members, self.world_size)}"
         base = self.key(scope, self._next_round(scope))
         if self.rank == src:
             if not isinstance(data, bytes):
-                raise TypeError(
+                raise TopoTypeError(
                     f"broadcast data requires bytes on the source rank {src}, but got "
                     f"{type(data).__name__}"
                 )

@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, NoReturn
 
-from topo.errors import RankFailedError
+from topo._checks import as_bool, as_seconds, as_str_mapping
+from topo.errors import RankFailedError, RendezvousTimeout, TopoTypeError
 from topo.mesh import DeviceMesh
 from topo.world import LOOPBACK
 
@@ -63,24 +64,18 @@ def spawn(
         results = topo.spawn(work, topo.DeviceMesh(dp=2, tp=2))   # 4 × tensor([2., 2.])
     """
     if not isinstance(mesh, DeviceMesh):
-        raise TypeError(f"spawn mesh requires a topo.DeviceMesh, but got {type(mesh).__name__}")
+        raise TopoTypeError(f"spawn mesh requires a topo.DeviceMesh, but got {type(mesh).__name__}")
     if not callable(fn):
-        raise TypeError(f"spawn fn requires a callable, but got {type(fn).__name__}")
-    for name, value in (("timeout", timeout), ("activation_timeout", activation_timeout)):
-        if value is None and name == "activation_timeout":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"spawn {name} requires a number of seconds, but got {type(value).__name__} "
-                f"{value!r}"
-            )
-        if not 0 < value < 1e9:
-            raise ValueError(
-                f"spawn {name} requires a positive, finite number of seconds, but got {value!r}"
-            )
+        raise TopoTypeError(f"spawn fn requires a callable, but got {type(fn).__name__}")
+    seconds = as_seconds(timeout, "spawn timeout")
+    inner = seconds if activation_timeout is None else as_seconds(
+        activation_timeout, "spawn activation_timeout"
+    )
+    share_gpu = as_bool(share_gpu, "spawn share_gpu")
+    extra_env = as_str_mapping(env, "spawn env")
     main = sys.modules.get("__main__")
     if getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
-        raise TypeError(
+        raise TopoTypeError(
             f"spawn requires fn to be importable by the new processes, but {fn!r} is defined "
             f"in an interactive __main__ (python -c, a REPL or a notebook); define it in a "
             f"module file and import it"
@@ -88,11 +83,11 @@ def spawn(
     try:
         payload = pickle.dumps((fn, args))
     except Exception as error:
-        raise TypeError(
+        raise TopoTypeError(
             f"spawn requires a picklable fn and args (a module-level function), but pickling "
             f"failed: {error}"
         ) from None
-    return _Launch(mesh, payload, float(timeout), activation_timeout, share_gpu, env).run()
+    return _Launch(mesh, payload, seconds, inner, share_gpu, extra_env).run()
 
 
 class _Launch:
@@ -305,7 +300,7 @@ def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
         conn.send(("port", port))
     else:
         if not conn.poll(spec.activation_timeout):
-            raise TimeoutError(
+            raise RendezvousTimeout(
                 f"rank {spec.rank} got no rendezvous port from the parent within "
                 f"{spec.activation_timeout:g} s (rank 0 did not start its store)"
             )

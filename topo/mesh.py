@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import keyword
 import math
-import operator
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from topo._checks import as_int
+from topo.errors import TopoTypeError, TopoValueError
+
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from datetime import timedelta
@@ -30,7 +32,10 @@ if TYPE_CHECKING:
     from topo.context import MeshContext
     from topo.world import World
 
-__all__ = ["Axis", "DeviceMesh", "Placement"]
+__all__ = ["Axis", "DeviceMesh", "Placement", "parse_mesh"]
+
+#: The most ranks a mesh may have: gloo and NCCL number ranks with 32-bit signed ints.
+MAX_RANKS = 2**31 - 1
 
 #: An axis argument: one axis name, or a tuple of names that vary together as one flattened axis.
 Axis = str | Sequence[str]
@@ -40,27 +45,15 @@ def _format_sizes(names: Sequence[str], sizes: Sequence[int]) -> str:
     return " * ".join(f"{n}({s})" for n, s in zip(names, sizes, strict=True))
 
 
-def _check_int(value: object, what: str) -> int:
-    """Return ``value`` as an int; bools, floats and strings are a TypeError naming ``what``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} requires an int, but got the bool {value!r}; pass 0 or 1 instead")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"{what} requires an int, but got {type(value).__name__} {value!r}"
-        ) from None
-
-
 def _check_name(name: object, what: str) -> str:
     if not isinstance(name, str):
-        raise TypeError(f"{what} requires a str axis name, but got {type(name).__name__} {name!r}")
+        raise TopoTypeError(f"{what} requires a str axis name, but got {type(name).__name__} {name!r}")
     if (
         not name.isidentifier()
         or keyword.iskeyword(name)
         or unicodedata.normalize("NFKC", name) != name
     ):
-        raise ValueError(
+        raise TopoValueError(
             f"{what} requires an identifier (like 'dp' or 'tp'; NFKC-normal, not a Python "
             f"keyword), "
             f"but got {name!r}"
@@ -87,11 +80,11 @@ class Placement:
     """Axes with at least one group that spans several nodes (fastest axis first)."""
 
     def __init__(self, mesh: DeviceMesh, ranks_per_node: int) -> None:
-        rpn = _check_int(ranks_per_node, "ranks_per_node")
+        rpn = as_int(ranks_per_node, "ranks_per_node")
         if rpn < 1:
-            raise ValueError(f"ranks_per_node requires a positive int, but got {rpn}")
+            raise TopoValueError(f"ranks_per_node requires a positive int, but got {rpn}")
         if mesh.size % rpn and rpn < mesh.size:
-            raise ValueError(
+            raise TopoValueError(
                 f"ranks_per_node requires a divisor of the mesh size (or a node that holds the "
                 f"whole mesh): {mesh} has {mesh.size} ranks, which {rpn} ranks per node do not "
                 f"divide; choose one of {_divisors(mesh.size)} or at least {mesh.size}"
@@ -176,7 +169,7 @@ class DeviceMesh:
 
     def __init__(self, /, **axes: int) -> None:
         if not axes:
-            raise ValueError(
+            raise TopoValueError(
                 "DeviceMesh requires at least one axis, like DeviceMesh(dp=2, tp=4), but got none"
             )
         self._setup(tuple(axes), tuple(axes.values()))
@@ -187,15 +180,15 @@ class DeviceMesh:
         seen: set[str] = set()
         for name in names:
             if name in seen:
-                raise ValueError(
+                raise TopoValueError(
                     f"DeviceMesh requires distinct axis names, but got {name!r} twice in {names}"
                 )
             seen.add(name)
         checked = []
         for name, size in zip(names, sizes, strict=True):
-            value = _check_int(size, f"DeviceMesh axis {name!r} size")
+            value = as_int(size, f"DeviceMesh axis {name!r} size")
             if value < 1:
-                raise ValueError(
+                raise TopoValueError(
                     f"DeviceMesh axis {name!r} requires a positive size, but got {value}; "
                     f"use 1 for an axis that is not split"
                 )
@@ -203,6 +196,12 @@ class DeviceMesh:
         strides = [1] * len(checked)
         for i in range(len(checked) - 2, -1, -1):
             strides[i] = strides[i + 1] * checked[i + 1]
+        if strides[0] * checked[0] > MAX_RANKS:
+            raise TopoValueError(
+                f"DeviceMesh requires at most {MAX_RANKS} ranks (gloo and NCCL number ranks "
+                f"with 32-bit ints), but got {_format_sizes(names, checked)} = "
+                f"{strides[0] * checked[0]}; use smaller axis sizes"
+            )
         self.__attrs_init__(  # type: ignore[attr-defined]
             names,
             tuple(checked),
@@ -221,18 +220,18 @@ class DeviceMesh:
             DeviceMesh(dp=2, tp=4)
         """
         if isinstance(names, str):
-            raise TypeError(
+            raise TopoTypeError(
                 f"DeviceMesh.from_shape names requires a sequence of axis names, but got the "
                 f"str {names!r}; pass ({names!r},) for a single axis"
             )
         shape_t, names_t = tuple(shape), tuple(names)
         if len(shape_t) != len(names_t):
-            raise ValueError(
+            raise TopoValueError(
                 f"DeviceMesh.from_shape requires one name per dimension, but got shape {shape_t} "
                 f"({len(shape_t)} dims) and names {names_t} ({len(names_t)} names)"
             )
         if not names_t:
-            raise ValueError("DeviceMesh.from_shape requires at least one axis, but got none")
+            raise TopoValueError("DeviceMesh.from_shape requires at least one axis, but got none")
         mesh = cls.__new__(cls)
         mesh._setup(names_t, shape_t)
         return mesh
@@ -275,14 +274,14 @@ class DeviceMesh:
 
     def _axis_position(self, axis: object) -> int:
         if not isinstance(axis, str):
-            raise TypeError(
+            raise TopoTypeError(
                 f"axis requires a str name (one of {self._valid_axes()}), "
                 f"but got {type(axis).__name__} {axis!r}"
             )
         try:
             return self._positions[axis]
         except KeyError:
-            raise ValueError(
+            raise TopoValueError(
                 f"unknown axis {axis!r}: mesh {self} has axes {self._valid_axes()}"
             ) from None
 
@@ -305,23 +304,23 @@ class DeviceMesh:
         if isinstance(axis, str):
             return (self._axis_position(axis),)
         if not isinstance(axis, (tuple, list)):
-            raise TypeError(
+            raise TopoTypeError(
                 f"axis requires a name or a tuple of names from {self._valid_axes()}, "
                 f"but got {type(axis).__name__} {axis!r}"
             )
         if not axis:
-            raise ValueError(
+            raise TopoValueError(
                 f"axis requires at least one name from {self._valid_axes()}, but got {axis!r}"
             )
         positions = [self._axis_position(a) for a in axis]
         if len(set(positions)) != len(positions):
-            raise ValueError(f"axis requires distinct names, but got {tuple(axis)!r}")
+            raise TopoValueError(f"axis requires distinct names, but got {tuple(axis)!r}")
         return tuple(sorted(positions))
 
     def _check_rank(self, rank: object, what: str = "rank") -> int:
-        value = _check_int(rank, what)
+        value = as_int(rank, what)
         if not 0 <= value < self.size:
-            raise ValueError(
+            raise TopoValueError(
                 f"{what} requires 0 <= {what} < {self.size} for mesh {self} = {self.size}, "
                 f"but got {value}"
             )
@@ -373,21 +372,21 @@ class DeviceMesh:
         """
         unknown = [a for a in coords if a not in self._positions]
         if unknown:
-            raise ValueError(
+            raise TopoValueError(
                 f"rank_of got unknown axis {unknown[0]!r}: mesh {self} has axes "
                 f"{self._valid_axes()}"
             )
         missing = [a for a in self.axis_names if a not in coords]
         if missing:
-            raise ValueError(
+            raise TopoValueError(
                 f"rank_of requires a coordinate for every axis ({self._valid_axes()}), "
                 f"but got none for {', '.join(repr(m) for m in missing)}"
             )
         rank = 0
         for name, stride, size in zip(self.axis_names, self._strides, self.axis_sizes, strict=True):
-            index = _check_int(coords[name], f"rank_of coordinate {name!r}")
+            index = as_int(coords[name], f"rank_of coordinate {name!r}")
             if not 0 <= index < size:
-                raise ValueError(
+                raise TopoValueError(
                     f"rank_of coordinate {name!r} requires 0 <= {name} < {size}, but got {index}"
                 )
             rank += index * stride
@@ -528,9 +527,9 @@ class DeviceMesh:
         """
         positions = self._positions_of(axis)
         r = self._check_rank(rank)
-        step = _check_int(offset, "offset")
+        step = as_int(offset, "offset")
         if not isinstance(wrap, bool):
-            raise TypeError(f"wrap requires a bool, but got {type(wrap).__name__} {wrap!r}")
+            raise TopoTypeError(f"wrap requires a bool, but got {type(wrap).__name__} {wrap!r}")
         n = math.prod(self.axis_sizes[p] for p in positions)
         target = self.axis_index(axis, r) + step
         if not wrap and not 0 <= target < n:
@@ -607,7 +606,7 @@ class DeviceMesh:
         """
         positions = self._positions_of(axes)
         if positions != tuple(range(positions[0], positions[-1] + 1)):
-            raise ValueError(
+            raise TopoValueError(
                 f"flatten requires adjacent axes so that ranks keep their numbers, but got "
                 f"{tuple(axes)} in mesh {self}; use group({tuple(axes)}, rank) to treat "
                 f"non-adjacent axes as one"
@@ -666,7 +665,7 @@ def parse_mesh(spec: str | Iterable[str]) -> DeviceMesh:
     words = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
     words = [w for word in words for w in word.split(",") if w]
     if not words:
-        raise ValueError(
+        raise TopoValueError(
             "a mesh spec requires at least one NAME=SIZE, like dp=2 tp=4, but got none"
         )
     names: list[str] = []
@@ -674,7 +673,7 @@ def parse_mesh(spec: str | Iterable[str]) -> DeviceMesh:
     for word in words:
         name, sep, size = word.partition("=")
         if not sep or re.fullmatch(r"\s*-?[0-9]+\s*", size) is None:
-            raise ValueError(f"a mesh spec requires NAME=SIZE words like dp=2, but got {word!r}")
+            raise TopoValueError(f"a mesh spec requires NAME=SIZE words like dp=2, but got {word!r}")
         names.append(name.strip())
         sizes.append(int(size))
     return DeviceMesh.from_shape(sizes, names)

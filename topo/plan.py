@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import DeviceMesh, Placement
 
 __all__ = [
@@ -53,7 +54,7 @@ def intra_node_axes(mesh: DeviceMesh, intra_node: Sequence[str] | None = None) -
     if intra_node is None:
         return [a for a in DEFAULT_INTRA_NODE if a in mesh.axis_names]
     if isinstance(intra_node, str):
-        raise TypeError(
+        raise TopoTypeError(
             f"intra_node requires a sequence of axis names, like ['tp'], but got the "
             f"str {intra_node!r}"
         )
@@ -61,7 +62,7 @@ def intra_node_axes(mesh: DeviceMesh, intra_node: Sequence[str] | None = None) -
     for axis in intra_node:
         if axis not in mesh.axis_names:
             valid = ", ".join(repr(a) for a in mesh.axis_names)
-            raise ValueError(f"intra_node got unknown axis {axis!r}: mesh {mesh} has axes {valid}")
+            raise TopoValueError(f"intra_node got unknown axis {axis!r}: mesh {mesh} has axes {valid}")
         if axis not in names:
             names.append(axis)
     return names

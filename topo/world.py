@@ -14,21 +14,12 @@ from typing import Any
 
 import attrs
 
+from topo._checks import as_bool, as_host, as_int, as_port
+from topo.errors import TopoTypeError, TopoValueError, WorldError
+
 __all__ = ["World", "WorldError"]
 
 LOOPBACK = "127.0.0.1"
-
-
-class WorldError(ValueError):
-    """The environment does not describe a usable world (missing or contradicting values)."""
-
-
-def _nonneg_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"World {what} requires an int, but got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"World {what} requires a non-negative int, but got {value}")
-    return value
 
 
 @attrs.frozen
@@ -58,36 +49,29 @@ class World:
     store_hosted_externally: bool = False
 
     def __attrs_post_init__(self) -> None:
-        _nonneg_int(self.rank, "rank")
-        _nonneg_int(self.local_rank, "local_rank")
-        _nonneg_int(self.master_port, "master_port")
-        if _nonneg_int(self.world_size, "world_size") < 1:
-            raise ValueError(f"World world_size requires a positive int, but got {self.world_size}")
-        if _nonneg_int(self.local_world_size, "local_world_size") < 1:
-            raise ValueError(
-                f"World local_world_size requires a positive int, but got {self.local_world_size}"
-            )
+        # Canonical ints (a NumPy integer becomes an int), so equal worlds compare and hash equal.
+        for field in ("rank", "local_rank", "world_size", "local_world_size"):
+            minimum = 1 if field.endswith("size") else 0
+            value = as_int(getattr(self, field), f"World {field}", minimum=minimum)
+            object.__setattr__(self, field, value)
+        object.__setattr__(self, "master_port", as_port(self.master_port, "World master_port"))
+        as_host(self.master_addr, "World master_addr")
+        as_bool(self.store_hosted_externally, "World store_hosted_externally")
         if self.rank >= self.world_size:
-            raise ValueError(
+            raise TopoValueError(
                 f"World requires rank < world_size, but got rank {self.rank} and world_size "
                 f"{self.world_size}"
             )
         if self.local_rank >= self.local_world_size:
-            raise ValueError(
+            raise TopoValueError(
                 f"World requires local_rank < local_world_size, but got local_rank "
                 f"{self.local_rank} and local_world_size {self.local_world_size}"
             )
         if self.local_world_size > self.world_size:
-            raise ValueError(
+            raise TopoValueError(
                 f"World requires local_world_size <= world_size, but got local_world_size "
                 f"{self.local_world_size} and world_size {self.world_size}"
             )
-        if not isinstance(self.master_addr, str) or not self.master_addr:
-            raise ValueError(
-                f"World master_addr requires a host name or address, but got {self.master_addr!r}"
-            )
-        if self.master_port > 65535:
-            raise ValueError(f"World master_port requires 0..65535, but got {self.master_port}")
 
     @property
     def node_rank(self) -> int:
@@ -144,15 +128,22 @@ class World:
         names = [f.name for f in attrs.fields(cls)]
         unknown = sorted(set(explicit) - set(names))
         if unknown:
-            raise TypeError(
+            raise TopoTypeError(
                 f"World.from_env got unknown argument(s) {unknown}; valid ones are {names}"
             )
         launcher, read, variables = next(
             (entry for entry in _LAUNCHERS if entry[2]["rank"] in environ), _LAUNCHERS[0]
         )
         found = read(environ)
-        if environ.get("MASTER_ADDR"):
-            found["master_addr"] = environ["MASTER_ADDR"]
+        if environ.get("MASTER_ADDR"):  # an empty variable counts as unset, as for torchrun
+            addr = environ["MASTER_ADDR"]
+            if addr != addr.strip() or any(c.isspace() for c in addr):
+                raise WorldError(
+                    f"environment variable MASTER_ADDR requires rank 0's host name or address "
+                    f"without blanks, but got {addr!r}; set it (e.g. MASTER_ADDR=127.0.0.1 for "
+                    f"one machine) or unset it"
+                )
+            found["master_addr"] = addr
         port = _read_int(environ, "MASTER_PORT")
         if port is not None:
             found["master_port"] = port

@@ -2,31 +2,21 @@
 
 Each resolves ``axis`` in the innermost active mesh context that has it, picks the
 communicator for the tensor's device (gloo for CPU, NCCL for CUDA), validates its arguments
-and returns a new tensor.
+and returns a new tensor. The public names are those of the modules below.
 """
 
-from topo.collectives.gathers import all_gather, all_to_all, gather
-from topo.collectives.objects import all_gather_object, broadcast_object
-from topo.collectives.one_to_all import broadcast, scatter
-from topo.collectives.p2p import ppermute, recv, send, shift
-from topo.collectives.reductions import all_reduce, reduce_scatter
-from topo.collectives.sync import axis_index, axis_size, barrier
+from topo.collectives import gathers, objects, one_to_all, p2p, reductions, sync
+from topo.collectives.gathers import *  # noqa: F403
+from topo.collectives.objects import *  # noqa: F403
+from topo.collectives.one_to_all import *  # noqa: F403
+from topo.collectives.p2p import *  # noqa: F403
+from topo.collectives.reductions import *  # noqa: F403
+from topo.collectives.sync import *  # noqa: F403
 
-__all__ = [
-    "all_gather",
-    "all_gather_object",
-    "all_reduce",
-    "all_to_all",
-    "axis_index",
-    "axis_size",
-    "barrier",
-    "broadcast",
-    "broadcast_object",
-    "gather",
-    "ppermute",
-    "recv",
-    "reduce_scatter",
-    "scatter",
-    "send",
-    "shift",
-]
+__all__: list[str] = []
+__all__ += gathers.__all__
+__all__ += objects.__all__
+__all__ += one_to_all.__all__
+__all__ += p2p.__all__
+__all__ += reductions.__all__
+__all__ += sync.__all__

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
+from topo._checks import as_int
 from topo.communicators.base import REDUCE_OPS, ReduceOp
 from topo.communicators.gloo import GLOO_REDUCE_DTYPES
 from topo.communicators.nccl_types import NCCL_REDUCE_DTYPES
+from topo.errors import TopoTypeError, TopoValueError
 
 _REDUCE_DTYPES = {"cpu": GLOO_REDUCE_DTYPES, "cuda": NCCL_REDUCE_DTYPES}
 _BACKEND = {"cpu": "gloo", "cuda": "NCCL"}
@@ -18,7 +18,7 @@ def device_type(x: object, operation: str, name: str = "x") -> str:
     """The device type of ``x`` (``"cpu"`` or ``"cuda"``); a TypeError/ValueError if ``x`` is
     no tensor or lives on a device without a backend."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.{operation} {name} requires a torch.Tensor, but got {type(x).__name__}"
         )
     if x.is_cpu:  # the two fast properties first: this runs on every collective call
@@ -27,7 +27,7 @@ def device_type(x: object, operation: str, name: str = "x") -> str:
         return "cuda"
     device: str = x.device.type
     if device not in _BACKEND:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.{operation} {name} requires a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) "
             f"device, but got {x.device}; move it with .cpu() or .cuda()"
         )
@@ -45,7 +45,7 @@ def check_reduce(
 ) -> ReduceOp:
     """Validate ``op`` and that ``x``'s dtype can be reduced on its device."""
     if op not in REDUCE_OPS:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.{operation} op requires one of {', '.join(map(repr, REDUCE_OPS))}, but got "
             f"{op!r}"
         )
@@ -53,12 +53,12 @@ def check_reduce(
         device = x.device.type
     if x.dtype not in _REDUCE_DTYPES[device]:
         valid = ", ".join(sorted(str(d).removeprefix("torch.") for d in _REDUCE_DTYPES[device]))
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.{operation} x requires a dtype {_BACKEND[device]} can reduce ({valid}), but "
             f"got {x.dtype}; cast it first (e.g. x.float())"
         )
     if op == "avg" and not x.dtype.is_floating_point:
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.{operation} op='avg' requires a floating-point tensor, but got {x.dtype}; "
             f"use op='sum' and divide, or cast to float"
         )
@@ -67,22 +67,15 @@ def check_reduce(
 
 def check_dim(x: torch.Tensor, dim: object, operation: str, name: str = "dim") -> int:
     """``dim`` normalized to ``0 <= dim < x.dim()``."""
-    if isinstance(dim, bool):
-        raise TypeError(f"topo.{operation} {name} requires an int, but got the bool {dim!r}")
-    try:
-        d = operator.index(dim)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"topo.{operation} {name} requires an int, but got {type(dim).__name__} {dim!r}"
-        ) from None
+    d = as_int(dim, f"topo.{operation} {name}")
     ndim = x.dim()
     if ndim == 0:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.{operation} x requires at least one dimension for {name}, but got a 0-d "
             f"tensor; use x.reshape(1)"
         )
     if not -ndim <= d < ndim:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.{operation} {name} requires {-ndim} <= {name} < {ndim} for a {ndim}-d tensor, "
             f"but got {d}"
         )
@@ -91,17 +84,9 @@ def check_dim(x: torch.Tensor, dim: object, operation: str, name: str = "dim") -
 
 def check_index(value: object, size: int, operation: str, name: str, axis: object) -> int:
     """An index within the axis group (``src``/``dst``), ``0 <= value < size``."""
-    if isinstance(value, bool):
-        raise TypeError(f"topo.{operation} {name} requires an int, but got the bool {value!r}")
-    try:
-        i = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"topo.{operation} {name} requires an int index within axis {axis!r}, but got "
-            f"{type(value).__name__} {value!r}"
-        ) from None
+    i = as_int(value, f"topo.{operation} {name}", kind=f"an int index within axis {axis!r}")
     if not 0 <= i < size:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.{operation} {name} requires 0 <= {name} < {size} (an index within axis "
             f"{axis!r} of size {size}, not a global rank), but got {i}"
         )
@@ -112,7 +97,7 @@ def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object
     """Split ``x`` into ``n`` equal chunks along ``dim``, stacked on a new contiguous dim 0."""
     length = x.shape[dim]
     if length % n:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.{operation} requires x.shape[{dim}] divisible by the size {n} of axis "
             f"{axis!r}, but got x.shape[{dim}] = {length}; pad or choose another dim"
         )

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
+from topo._checks import as_bool, as_int
 from topo.collectives._common import check_index, check_tensor, device_type
 from topo.context import MeshContext, find_context
+from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import Axis
 
 __all__ = ["ppermute", "recv", "send", "shift"]
@@ -28,7 +30,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
     peer = check_index(dst, n, "send", "dst", axis)
     me = ctx.axis_index(names)
     if peer == me:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.send dst requires another index than this rank's own ({me}) along axis "
             f"{axis!r}, but got {peer}"
         )
@@ -53,7 +55,7 @@ def recv(
     """
     ctx, names, n = find_context(axis, "recv")
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.recv dtype requires a torch.dtype like torch.float32, but got "
             f"{type(dtype).__name__} {dtype!r}"
         )
@@ -62,7 +64,7 @@ def recv(
     try:
         dims = tuple(int(d) for d in shape)  # type: ignore[union-attr]
     except TypeError:
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.recv shape requires a sequence of ints like (4, 1024), but got "
             f"{type(shape).__name__} {shape!r}"
         ) from None
@@ -70,7 +72,7 @@ def recv(
     peer = check_index(src, n, "recv", "src", axis)
     me = ctx.axis_index(names)
     if peer == me:
-        raise ValueError(
+        raise TopoValueError(
             f"topo.recv src requires another index than this rank's own ({me}) along axis "
             f"{axis!r}, but got {peer}"
         )
@@ -81,7 +83,7 @@ def recv(
 
 def _check_perm(perm: object, n: int, axis: Axis) -> list[tuple[int, int]]:
     if not isinstance(perm, (list, tuple)):
-        raise TypeError(
+        raise TopoTypeError(
             f"topo.ppermute perm requires a sequence of (src, dst) index pairs, but got "
             f"{type(perm).__name__}"
         )
@@ -90,13 +92,13 @@ def _check_perm(perm: object, n: int, axis: Axis) -> list[tuple[int, int]]:
     targets: set[int] = set()
     for pair in perm:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise TypeError(
+            raise TopoTypeError(
                 f"topo.ppermute perm requires (src, dst) pairs, but got the element {pair!r}"
             )
         s = check_index(pair[0], n, "ppermute", "perm src", axis)
         d = check_index(pair[1], n, "ppermute", "perm dst", axis)
         if s in sources or d in targets:
-            raise ValueError(
+            raise TopoValueError(
                 f"topo.ppermute perm requires each index at most once as a source and once as a "
                 f"destination, but got {s if s in sources else d} twice in {list(perm)}"
             )
@@ -140,12 +142,8 @@ def shift(x: torch.Tensor, axis: Axis, offset: int = 1, wrap: bool = True) -> to
     """
     ctx, names, n = find_context(axis, "shift")
     check_tensor(x, "shift")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(
-            f"topo.shift offset requires an int, but got {type(offset).__name__} {offset!r}"
-        )
-    if not isinstance(wrap, bool):
-        raise TypeError(f"topo.shift wrap requires a bool, but got {type(wrap).__name__} {wrap!r}")
+    offset = as_int(offset, "topo.shift offset")
+    wrap = as_bool(wrap, "topo.shift wrap")
     me = ctx.axis_index(names)
     dst: int | None = me + offset
     src: int | None = me - offset

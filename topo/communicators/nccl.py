@@ -22,7 +22,12 @@ import torch
 
 from topo.communicators.base import ReduceOp
 from topo.communicators.nccl_types import NCCL_DTYPES, NCCL_OPS, nccl_dtype
-from topo.errors import BackendUnavailableError, CommunicationError, CommunicationTimeout
+from topo.errors import (
+    BackendUnavailableError,
+    CommunicationError,
+    CommunicationTimeout,
+    TopoValueError,
+)
 
 if TYPE_CHECKING:
     from topo.coordinator import Coordinator
@@ -131,7 +136,7 @@ class NcclCommunicator:
                 f"(torch.cuda.is_available() is False); use CPU tensors (gloo) instead"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise TopoValueError(
                 f"{label}: device {device} requires a GPU index below "
                 f"torch.cuda.device_count() = {torch.cuda.device_count()}; pass "
                 f"activate(device=...) or set LOCAL_RANK / CUDA_VISIBLE_DEVICES"
@@ -165,7 +170,7 @@ class NcclCommunicator:
 
     def _check(self, x: torch.Tensor, what: str) -> None:
         if x.device != self.device:
-            raise ValueError(
+            raise TopoValueError(
                 f"{what} on {self.label} requires tensors on this rank's NCCL device "
                 f"{self.device}, but got one on {x.device}; move it with "
                 f"x.to('{self.device}') or activate with device='{x.device}'"

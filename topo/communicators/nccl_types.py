@@ -11,6 +11,8 @@ from types import MappingProxyType
 
 import torch
 
+from topo.errors import TopoTypeError
+
 __all__ = ["NCCL_DTYPES", "NCCL_OPS", "NCCL_REDUCE_DTYPES", "nccl_dtype"]
 
 #: torch dtype → ncclDataType_t.
@@ -51,7 +53,7 @@ def nccl_dtype(dtype: torch.dtype, reducing: bool) -> int:
         return code
     if reducing:
         valid = ", ".join(str(d).removeprefix("torch.") for d in NCCL_DTYPES)
-        raise TypeError(
+        raise TopoTypeError(
             f"NCCL cannot reduce dtype {dtype}; reductions require one of {valid}; cast the "
             f"tensor (e.g. x.float()) first"
         )
