@@ -270,31 +270,31 @@ def test_errors_that_need_a_real_group(dp2_tp2: list[dict[str, Any]]) -> None:
     for rank, report in enumerate(dp2_tp2):
         errors = report["errors"]
         kind, message = errors["reduce_scatter_uneven"]
-        assert kind == "ValueError"
+        assert kind == "TopoValueError"
         assert "divisible by the size 2 of axis 'tp'" in message and "x.shape[0] = 3" in message
         kind, message = errors["scatter_uneven"]
-        assert kind == "ValueError" and "x.shape[1] = 3" in message
+        assert kind == "TopoValueError" and "x.shape[1] = 3" in message
         kind, message = errors["all_to_all_uneven"]
-        assert kind == "ValueError" and "axis 'dp'" in message
+        assert kind == "TopoValueError" and "axis 'dp'" in message
         kind, message = errors["broadcast_src_range"]
-        assert kind == "ValueError"
+        assert kind == "TopoValueError"
         assert "0 <= src < 2" in message and "not a global rank" in message and "got 2" in message
         kind, message = errors["gather_dst_range"]
-        assert kind == "ValueError" and "0 <= dst < 4" in message
+        assert kind == "TopoValueError" and "0 <= dst < 4" in message
         kind, message = errors["scatter_src_negative"]
-        assert kind == "ValueError" and "got -1" in message
+        assert kind == "TopoValueError" and "got -1" in message
         kind, message = errors["broadcast_src_bool"]
-        assert kind == "TypeError" and "bool" in message
+        assert kind == "TopoTypeError" and "bool" in message
         for name in ("ppermute_duplicate_dst", "ppermute_duplicate_src"):
             kind, message = errors[name]
-            assert kind == "ValueError" and "at most once" in message
+            assert kind == "TopoValueError" and "at most once" in message
         kind, message = errors["ppermute_range"]
-        assert kind == "ValueError" and "perm dst" in message and "got 2" in message
+        assert kind == "TopoValueError" and "perm dst" in message and "got 2" in message
         for name in ("send_self", "recv_self"):
             kind, message = errors[name]
-            assert kind == "ValueError" and "own" in message
+            assert kind == "TopoValueError" and "own" in message
         kind, message = errors["unknown_axis"]
-        assert kind == "ValueError" and "'ep'" in message
+        assert kind == "TopoValueError" and "'ep'" in message
         assert "'dp'" in message and "'tp'" in message
         # the context is still usable: the errors were raised before any communication
         group = mesh.group("tp", rank)
