@@ -345,9 +345,9 @@ def _coordinator() -> dict[str, Any]:
     out["bcast_all"] = coord.broadcast(b"from-2" if rank == 2 else None, src=2)
     if rank in (1, 3):
         out["bcast_13"] = coord.broadcast(b"from-3" if rank == 3 else None, src=3, ranks=(1, 3))
-        out["gather_13"] = coord.all_gather_object({"r": rank}, ranks=(1, 3))
+        out["gather_13"] = coord.all_gather_json({"r": rank}, ranks=(1, 3))
         coord.barrier("pair", ranks=(1, 3))
-    out["gather_all"] = coord.all_gather_object(("rank", rank, "x" * rank))
+    out["gather_all"] = coord.all_gather_json(("rank", rank, "x" * rank))
     for i in range(3):  # repeated rounds of one scope
         out[f"bcast_round{i}"] = coord.broadcast(bytes([i, rank]) if rank == i else None, src=i)
     try:

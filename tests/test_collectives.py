@@ -312,7 +312,7 @@ def test_coordinator_messages(dp2_tp2: list[dict[str, Any]]) -> None:
             assert got["gather_13"] == [{"r": 1}, {"r": 3}]
         else:
             assert "bcast_13" not in got
-        assert got["gather_all"] == [("rank", r, "x" * r) for r in range(4)]
+        assert got["gather_all"] == [["rank", r, "x" * r] for r in range(4)]
         for i in range(3):
             assert got[f"bcast_round{i}"] == bytes([i, i])
         assert "src requires a rank among [0, 1, 2, 3], but got 7" in got["bad_src"]

@@ -548,7 +548,7 @@ def test_coordinator_on_one_rank_cleans_up() -> None:
         assert coord.rank == 0 and coord.world_size == 1
         assert coord.key("a", 1).startswith(coord.prefix + "/")
         assert coord.broadcast(b"data", src=0) == b"data"
-        assert coord.all_gather_object({"x": 1}) == [{"x": 1}]
+        assert coord.all_gather_json({"x": 1}) == [{"x": 1}]
         for _ in range(5):
             coord.barrier()
             coord.barrier("named", ranks=[0])
@@ -557,13 +557,13 @@ def test_coordinator_on_one_rank_cleans_up() -> None:
         with pytest.raises(ValueError, match="src requires a rank among"):
             coord.broadcast(b"", src=1)
         coord.close()
-        assert store.num_keys() <= 3  # the join counter and the last close round at most
+        assert store.num_keys() <= 3  # the round counter and the last close round at most
 
 
 def test_counting_store_counts_and_remembers() -> None:
-    from topo.coordinator import CountingStore
+    from topo.store import BoundedStore
 
-    counting = CountingStore(torch.distributed.HashStore())
+    counting = BoundedStore(torch.distributed.HashStore(), timedelta(seconds=5))
     counting.set("a", b"1")
     assert counting.get("a") == b"1"
     assert counting.add("n", 2) == 2
@@ -583,7 +583,7 @@ def test_counting_store_counts_and_remembers() -> None:
     assert "p/k" in counting.written and counting.ops == 10
 
 
-def test_store_port_in_use_is_a_rendezvous_error() -> None:
+def test_store_port_in_use_is_port_in_use_error() -> None:
     import socket
 
     with socket.socket() as holder:
@@ -592,13 +592,14 @@ def test_store_port_in_use_is_a_rendezvous_error() -> None:
         port = holder.getsockname()[1]
         world = World(rank=0, world_size=1, master_port=port)
         with (
-            pytest.raises(topo.RendezvousTimeout) as info,
+            pytest.raises(topo.PortInUseError) as info,
             DeviceMesh(tp=1).activate(world, timeout=2),
         ):
             pass
     message = str(info.value)
-    assert f"rank 0 could not host the rendezvous store at 127.0.0.1:{port}" in message
+    assert f"requires a free port at 127.0.0.1:{port}" in message
     assert "MASTER_PORT" in message
+    assert isinstance(info.value, topo.RendezvousError)
 
 
 def test_unreachable_store_is_a_rendezvous_error() -> None:
@@ -628,7 +629,7 @@ def test_store_hosted_externally_connects_instead_of_hosting() -> None:
         assert torch.equal(topo.all_reduce(torch.ones(2), "tp"), torch.ones(2))
     assert agent.num_keys() <= 3
     with (
-        pytest.raises(topo.RendezvousTimeout, match="could not host"),
+        pytest.raises(topo.PortInUseError, match="requires a free port"),
         DeviceMesh(tp=1).activate(World(rank=0, world_size=1, master_port=agent.port), timeout=2),
     ):
         pass

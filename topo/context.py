@@ -19,11 +19,18 @@ from typing import Any
 import torch
 
 import topo._dist as dist
-from topo._checks import as_timedelta
+from topo._checks import as_host, as_timedelta
 from topo.communicators.base import Communicator
 from topo.coordinator import Coordinator
-from topo.errors import CommunicationError, NoActiveMeshError, TopoTypeError, TopoValueError
+from topo.errors import (
+    CommunicationError,
+    NoActiveMeshError,
+    TopoError,
+    TopoTypeError,
+    TopoValueError,
+)
 from topo.mesh import Axis, DeviceMesh
+from topo.store import load_secret
 from topo.world import World
 
 __all__ = ["MeshContext", "activate", "active_contexts", "current"]
@@ -249,7 +256,7 @@ class MeshContext:
             from topo.communicators.nccl import NcclCommunicator
 
             return NcclCommunicator.create(
-                self.coordinator, scope, ranks, index, self.device, label
+                self.coordinator, scope, ranks, index, self.device, label, self.timeout
             )
         raise TopoValueError(
             f"collectives require a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) device, but got "
@@ -293,7 +300,10 @@ def _with_arrival(
         comm: Communicator = create()
         return comm
     except CommunicationError as error:
-        missing = [r for i, r in enumerate(ranks) if not store.check([f"arrived/{i}"])]
+        try:
+            missing = [r for i, r in enumerate(ranks) if not store.check([f"arrived/{i}"])]
+        except (RuntimeError, TopoError):  # the store is gone too: report the first error
+            raise error from None
         if missing:
             raise type(error)(
                 f"creating the communicator for {label} failed: rank(s) {missing} never "
@@ -374,6 +384,8 @@ def activate(
     store: dist.Store | None = None,
     name: str | None = None,
     device: torch.device | str | int | None = None,
+    secret: bytes | str | None = None,
+    bind: str | None = None,
 ) -> Iterator[MeshContext]:
     """Activate ``mesh`` for this process: join the rendezvous and yield a :class:`MeshContext`.
 
@@ -381,7 +393,11 @@ def activate(
     every wait (seconds or timedelta; default 300 s or ``TOPO_TIMEOUT``). ``store`` attaches to
     an existing ``torch.distributed`` store instead of the world's TCPStore. ``name`` separates
     concurrent activations of identical meshes on one store. ``device`` is the CUDA device for
-    NCCL collectives (default ``cuda:{local_rank}``).
+    NCCL collectives (default ``cuda:{local_rank}``). ``secret`` (default ``TOPO_SECRET``)
+    tags the control messages in the store with an HMAC, refused without it (see
+    docs/security.md). ``bind`` is the address rank 0's store listens on: default MASTER_ADDR
+    (loopback for a local world); ``"0.0.0.0"`` listens on every interface — anyone who can
+    reach the port can then disrupt the job, so use it only on a trusted network.
 
     Example::
 
@@ -404,8 +420,17 @@ def activate(
     namespace = (
         f"topo/{name}" if name else "topo/" + ".".join(f"{n}{s}" for n, s in mesh.shape.items())
     )
+    sealing = load_secret(secret)
+    if bind is not None:
+        bind = as_host(bind, "activate bind")
     coordinator = Coordinator.join(
-        world, timeout=wait, store=store, namespace=namespace, label=f"activating {mesh!r}"
+        world,
+        timeout=wait,
+        store=store,
+        namespace=namespace,
+        label=f"activating {mesh!r}",
+        secret=sealing,
+        bind=bind,
     )
     coordinator.label = repr(mesh)  # later waits name the mesh, not the activation
     ctx = MeshContext(mesh, world, coordinator, wait, cuda_device)

@@ -14,8 +14,9 @@ arrive.
 from __future__ import annotations
 
 import contextlib
-import pickle
+import json
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,111 +25,14 @@ from typing import Any
 
 import topo._dist as dist
 from topo.errors import RendezvousTimeout, StoreLostError, TopoTypeError, TopoValueError
+from topo.store import BoundedStore, Sealer, connect_store
 from topo.world import World
 
 __all__ = ["Coordinator"]
 
-
-class CountingStore(dist.Store):
-    """A store wrapper that counts operations and remembers the keys it set.
-
-    topo routes its rendezvous traffic (its own and gloo's) through one of these, so that an
-    activation can report how many store operations it cost and delete what it wrote.
-
-    Example::
-
-        counting = CountingStore(store)
-        counting.set("k", b"v")
-        counting.ops  # 1
-    """
-
-    def __init__(self, inner: dist.Store) -> None:
-        super().__init__()
-        self.inner = inner
-        self.ops = 0
-        self.written: set[str] = set()
-
-    def set(self, key: str, value: Any) -> None:
-        self.ops += 1
-        self.written.add(key)
-        self.inner.set(key, value)
-
-    def get(self, key: str) -> bytes:
-        self.ops += 1
-        value: bytes = self.inner.get(key)
-        return value
-
-    def add(self, key: str, value: int) -> int:
-        self.ops += 1
-        return self.inner.add(key, value)
-
-    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
-        self.ops += 1
-        self.written.add(key)
-        return self.inner.compare_set(key, expected, desired)
-
-    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self.ops += 1
-        if timeout is None:
-            self.inner.wait(keys)
-        else:
-            self.inner.wait(keys, timeout)
-
-    def check(self, keys: list[str]) -> bool:
-        self.ops += 1
-        found: bool = self.inner.check(keys)
-        return found
-
-    def delete_key(self, key: str) -> bool:
-        self.ops += 1
-        self.written.discard(key)
-        deleted: bool = self.inner.delete_key(key)
-        return deleted
-
-    def num_keys(self) -> int:
-        count: int = self.inner.num_keys()
-        return count
-
-    def set_timeout(self, timeout: timedelta) -> None:
-        self.inner.set_timeout(timeout)
-
-    def multi_get(self, keys: list[str]) -> list[bytes]:
-        if not hasattr(self.inner, "multi_get"):
-            return [self.get(k) for k in keys]
-        self.ops += 1
-        return self.inner.multi_get(keys)  # type: ignore[no-any-return]
-
-
-def connect_store(world: World, timeout: timedelta) -> dist.Store:
-    """Host (rank 0) or reach the world's ``TCPStore`` at ``master_addr:master_port``.
-
-    Example::
-
-        store = connect_store(World(rank=0, world_size=1, master_port=0), timedelta(seconds=5))
-    """
-    host = world.rank == 0 and not world.store_hosted_externally
-    try:
-        return dist.TCPStore(
-            world.master_addr,
-            world.master_port,
-            None,
-            host,
-            timeout,
-            wait_for_workers=False,
-            multi_tenant=True,
-        )
-    except (RuntimeError, OSError) as error:
-        who = "host" if host else "reach"
-        hint = (
-            "another program holds that port: pick a free MASTER_PORT"
-            if host
-            else "is rank 0 running, and are MASTER_ADDR/MASTER_PORT the same on every rank?"
-        )
-        raise RendezvousTimeout(
-            f"rank {world.rank} could not {who} the rendezvous store at "
-            f"{world.master_addr}:{world.master_port} within {timeout.total_seconds():g} s "
-            f"({type(error).__name__}: {str(error).splitlines()[0]}); {hint}"
-        ) from None
+#: How long the store's host stays up after a rendezvous failed, so that the ranks still
+#: waiting read its verdict (which ranks did not arrive) instead of a lost connection.
+LINGER_SECONDS = 5.0
 
 
 class Coordinator:
@@ -146,9 +50,17 @@ class Coordinator:
     """
 
     def __init__(
-        self, store: CountingStore, world: World, prefix: str, timeout: timedelta, label: str
+        self,
+        store: BoundedStore,
+        world: World,
+        prefix: str,
+        timeout: timedelta,
+        label: str,
+        sealer: Sealer | None = None,
     ) -> None:
         self.store = store
+        self.sealer = sealer or Sealer(None)
+        self.hosts_store = False
         self.world = world
         self.prefix = prefix
         self.timeout = timeout
@@ -170,28 +82,48 @@ class Coordinator:
         store: dist.Store | None = None,
         namespace: str = "topo",
         label: str = "activation",
+        secret: bytes | None = None,
+        bind: str | None = None,
     ) -> Coordinator:
         """Connect to the store and wait until every rank of ``world`` has joined.
 
         ``namespace`` separates activations that share a store at the same time (two
-        meshes at once); re-joining the same namespace later draws a new key prefix.
+        meshes at once). Rank 0 opens each activation attempt under a fresh generation, so an
+        attempt that failed or timed out never puts later ones out of step. ``secret`` tags
+        control messages (HMAC); ``bind`` is the address rank 0's store listens on (default:
+        ``world.master_addr``).
 
         Example::
 
             coord = Coordinator.join(world, timeout=timedelta(seconds=30), namespace="topo/dp2.tp2")
         """
         deadline = time.monotonic() + timeout.total_seconds()
+        hosting = store is None and world.rank == 0 and not world.store_hosted_externally
+        host = "torchrun's agent" if world.store_hosted_externally else "rank 0"
         while True:
             left = timedelta(seconds=max(deadline - time.monotonic(), 0.001))
-            base = store if store is not None else connect_store(world, left)
-            counting = CountingStore(base)
+            base = store
+            if base is None:
+                base = connect_store(
+                    world.master_addr, world.master_port, left, host=hosting, bind=bind,
+                    rank=world.rank,
+                )  # fmt: skip
+            where = f"{world.master_addr}:{getattr(base, 'port', world.master_port)} ({host})"
+            bounded = BoundedStore(base, timeout, where if store is None else "the given store")
             try:
                 with _guard(f"rank {world.rank} joining for {label}"):
-                    ticket = counting.add(f"{namespace}/join", 1)
-                generation = (ticket - 1) // world.world_size
-                coordinator = cls(counting, world, f"{namespace}/{generation}", timeout, label)
+                    generation = _open_generation(bounded, world, namespace, deadline, label)
+                coordinator = cls(
+                    bounded, world, f"{namespace}/{generation}", timeout, label, Sealer(secret)
+                )
                 coordinator._base_store = base  # keeps a hosted TCPStore alive with it
-                coordinator.barrier("join")
+                coordinator.hosts_store = hosting
+                try:
+                    coordinator.barrier("join")
+                finally:
+                    if world.rank == 0:
+                        with contextlib.suppress(Exception):
+                            bounded.delete_key(f"{namespace}/open")
                 return coordinator
             except StoreLostError:
                 # Right after a previous activation rank 0's old store may still be shutting
@@ -318,52 +250,81 @@ class Coordinator:
     ) -> bytes:
         """Send ``data`` from global rank ``src`` to every rank (or every rank in ``ranks``).
 
+        With a secret the bytes carry an HMAC tag, checked on every receiver.
+
         Example::
 
             uid = coord.broadcast(make_id() if coord.rank == 0 else None, src=0)
         """
         members = tuple(range(self.world_size)) if ranks is None else tuple(ranks)
         if src not in members:
-            raise TopoValueError(f"broadcast src requires a rank among {list(members)}, but got {src}")
+            raise TopoValueError(
+                f"broadcast src requires a rank among {list(members)}, but got {src}"
+            )
         scope = f"bcast/{_ranks_id(members, self.world_size)}"
         base = self.key(scope, self._next_round(scope))
-        if self.rank == src:
-            if not isinstance(data, bytes):
-                raise TopoTypeError(
-                    f"broadcast data requires bytes on the source rank {src}, but got "
-                    f"{type(data).__name__}"
-                )
-            self.store.set(f"{base}/data", data)
-            return data
-        self._wait([f"{base}/data"], "broadcast", (src,), None)
-        value = self.store.get(f"{base}/data")
-        if self.store.add(f"{base}/read", 1) == len(members) - 1:
-            self.store.delete_key(f"{base}/data")
-            self.store.delete_key(f"{base}/read")
-        return value
+        with _guard(f"{self.label}: broadcast from rank {src} on rank {self.rank}"):
+            if self.rank == src:
+                if not isinstance(data, bytes):
+                    raise TopoTypeError(
+                        f"broadcast data requires bytes on the source rank {src}, but got "
+                        f"{type(data).__name__}"
+                    )
+                self.store.set(f"{base}/data", self.sealer.seal(f"{base}/data", data))
+                return data
+            self._wait([f"{base}/data"], "broadcast", (src,), None)
+            value = self.sealer.open(f"{base}/data", self.store.get(f"{base}/data"))
+            if self.store.add(f"{base}/read", 1) == len(members) - 1:
+                self.store.delete_key(f"{base}/data")
+                self.store.delete_key(f"{base}/read")
+            return value
 
-    def all_gather_object(self, obj: Any, ranks: Sequence[int] | None = None) -> list[Any]:
-        """Every rank's picklable ``obj``, in rank order (small objects: it goes via the store).
+    def all_gather_json(self, value: Any, ranks: Sequence[int] | None = None) -> list[Any]:
+        """Every rank's JSON-able ``value``, in rank order (small values: they go via the
+        store, as JSON — never pickle — tagged with the secret's HMAC when there is one).
 
         Example::
 
-            hosts = coord.all_gather_object(socket.gethostname())
+            hosts = coord.all_gather_json(socket.gethostname())
         """
-        members = self._members(ranks, "all_gather_object")
-        with _guard(f"{self.label}: all_gather_object on rank {self.rank}"):
-            return self._all_gather_object(obj, members)
+        members = self._members(ranks, "all_gather_json")
+        try:
+            encoded = json.dumps(value, allow_nan=False).encode()
+        except (TypeError, ValueError) as error:
+            raise TopoTypeError(
+                f"all_gather_json requires a JSON-able value (dict, list, str, int, float, "
+                f"bool, None), but encoding {type(value).__name__} failed ({error}); convert it "
+                f"first"
+            ) from None
+        with _guard(f"{self.label}: all_gather_json on rank {self.rank}"):
+            scope = f"gather/{_ranks_id(members, self.world_size)}"
+            base = self.key(scope, self._next_round(scope))
+            mine = f"{base}/{self.rank}"
+            self.store.set(mine, self.sealer.seal(mine, encoded))
+            keys = [f"{base}/{r}" for r in members]
+            self._wait(keys, "all_gather_json", members, base)
+            blobs = self.store.multi_get(keys)
+            values = [json.loads(self.sealer.open(k, b)) for k, b in zip(keys, blobs, strict=True)]
+            if self.store.add(f"{base}/read", 1) == len(members):
+                for key in [*keys, f"{base}/read"]:
+                    self.store.delete_key(key)
+            return values
 
-    def _all_gather_object(self, obj: Any, members: tuple[int, ...]) -> list[Any]:
-        scope = f"gather/{_ranks_id(members, self.world_size)}"
-        base = self.key(scope, self._next_round(scope))
-        self.store.set(f"{base}/{self.rank}", pickle.dumps(obj))
-        keys = [f"{base}/{r}" for r in members]
-        self._wait(keys, "all_gather_object", members, base)
-        values = [pickle.loads(v) for v in self.store.multi_get(keys)]
-        if self.store.add(f"{base}/read", 1) == len(members):
-            for key in [*keys, f"{base}/read"]:
-                self.store.delete_key(key)
-        return values
+    def all_gather_object(self, obj: Any, ranks: Sequence[int] | None = None) -> list[Any]:
+        """Deprecated: use :meth:`all_gather_json`. Store contents are never unpickled, so
+        this now carries JSON values (tuples come back as lists).
+
+        Example::
+
+            hosts = coord.all_gather_json(socket.gethostname())   # instead
+        """
+        warnings.warn(
+            "Coordinator.all_gather_object is deprecated: the store carries JSON only (never "
+            "pickle); use Coordinator.all_gather_json",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.all_gather_json(obj, ranks)
 
     def close(self) -> None:
         """Wait for every rank, delete this activation's keys, and leave rank 0 (the store's
@@ -400,21 +361,105 @@ class Coordinator:
     def _wait(
         self, keys: list[str], what: str, members: Sequence[int], arrived: str | None
     ) -> None:
+        """Wait for ``keys`` at most the timeout, in growing slices; between slices look for a
+        peer's verdict that this round failed (then end at once with that verdict)."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        verdict_key = f"{keys[0].rsplit('/', 1)[0]}/failed"
+        pause = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                self.store.wait(keys, timedelta(seconds=min(pause, left)))
+                return
+            except StoreLostError:
+                raise
+            except RuntimeError as error:
+                if _is_connection_loss(error):
+                    raise
+            if self.store.check([verdict_key]):
+                self._follow_verdict(verdict_key, what)
+            pause = min(pause * 2, 1.0)
+        missing = list(members)
+        if arrived is not None:
+            with contextlib.suppress(RuntimeError):  # the store itself may be gone
+                missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
+        self._publish_verdict(verdict_key, missing, len(members) - len(missing))
+        raise RendezvousTimeout(
+            f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
+            f"rank {self.rank}: rank(s) {_short(missing)} of {_short(list(members))} did not "
+            f"arrive; check that they are running and call the same topo operations in "
+            f"the same order, or raise the timeout"
+        )
+
+    def _publish_verdict(self, key: str, missing: list[int], arrived: int) -> None:
+        """Tell the ranks still waiting which ranks did not arrive; the store's host then
+        stays up until they have read it (at most :data:`LINGER_SECONDS`)."""
+        with contextlib.suppress(Exception):
+            verdict = {"missing": missing, "by": self.rank, "arrived": arrived}
+            self.store.set(key, json.dumps(verdict).encode())
+            self._linger(key, arrived)
+
+    def _linger(self, key: str, arrived: int) -> None:
+        if not self.hosts_store:
+            return
+        end = time.monotonic() + LINGER_SECONDS
+        with contextlib.suppress(Exception):
+            while time.monotonic() < end and self.store.add(f"{key}/read", 0) < arrived - 1:
+                time.sleep(0.05)
+
+    def _follow_verdict(self, key: str, what: str) -> None:
         try:
-            self.store.wait(keys, self.timeout)
+            verdict = json.loads(self.store.get(key))
+            missing = [int(r) for r in verdict["missing"]]
+            by, arrived = int(verdict["by"]), int(verdict["arrived"])
+        except (ValueError, KeyError, TypeError):
+            missing, by, arrived = [], -1, 0
+        with contextlib.suppress(Exception):
+            self.store.add(f"{key}/read", 1)
+        self._linger(key, arrived)
+        raise RendezvousTimeout(
+            f"{self.label}: {what} failed on rank {self.rank}: rank {by} timed out after "
+            f"{self.timeout.total_seconds():g} s waiting for rank(s) {_short(missing)}, which "
+            f"did not arrive; check that they are running and call the same topo operations in "
+            f"the same order, or raise the timeout"
+        )
+
+
+def _open_generation(
+    store: BoundedStore, world: World, namespace: str, deadline: float, label: str
+) -> int:
+    """The generation of this activation attempt: rank 0 draws a fresh one and opens it;
+    the other ranks join the open one (never a finished or failed one)."""
+    open_key = f"{namespace}/open"
+    if world.rank == 0:
+        generation = store.add(f"{namespace}/round", 1)
+        store.set(open_key, str(generation).encode())
+        return generation
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RendezvousTimeout(
+                f"rank {world.rank} {label}: rank 0 did not open the activation within the "
+                f"timeout: rank 0 did not arrive (is it running, with the same mesh and name?)"
+            )
+        try:
+            store.wait([open_key], timedelta(seconds=min(left, 1.0)))
+        except StoreLostError:
+            raise
         except RuntimeError as error:
             if _is_connection_loss(error):
                 raise
-            missing = list(members)
-            if arrived is not None:
-                with contextlib.suppress(RuntimeError):  # the store itself may be gone
-                    missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
-            raise RendezvousTimeout(
-                f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
-                f"rank {self.rank}: rank(s) {_short(missing)} of {_short(list(members))} did not "
-                f"arrive; check that they are running and call the same topo operations in "
-                f"the same order, or raise the timeout ({str(error).splitlines()[0]})"
-            ) from None
+            continue
+        try:
+            generation = int(store.get(open_key))
+        except (RuntimeError, ValueError):
+            continue  # rank 0 closed it between our wait and get
+        join = f"{namespace}/{generation}/barrier/join/all/0"
+        if not store.check([f"{join}/done"]) and not store.check([f"{join}/failed"]):
+            return generation
+        time.sleep(0.01)  # a finished attempt's key not yet deleted: wait for the next one
 
 
 def _is_connection_loss(error: BaseException) -> bool:

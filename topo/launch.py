@@ -34,6 +34,22 @@ __all__ = ["spawn"]
 
 _LOOPBACK = LOOPBACK
 
+#: After a first rank fails, how long spawn keeps listening to the others before it names the
+#: culprit (a rank that only saw its peer vanish is not the cause).
+_SETTLE_SECONDS = 3.0
+
+#: Errors a rank raises because a peer failed, not of its own making.
+_PEER_ERRORS = frozenset(
+    {
+        "CommunicationError",
+        "CommunicationTimeout",
+        "RendezvousError",
+        "RendezvousTimeout",
+        "StoreLostError",
+        "CollectiveMismatchError",
+    }
+)
+
 
 def spawn(
     fn: Callable[..., Any],
@@ -74,11 +90,14 @@ def spawn(
     share_gpu = as_bool(share_gpu, "spawn share_gpu")
     extra_env = as_str_mapping(env, "spawn env")
     main = sys.modules.get("__main__")
-    if getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
+    main_file = getattr(main, "__file__", None)
+    if getattr(fn, "__module__", None) == "__main__" and not (
+        main_file and os.path.isfile(main_file)
+    ):
         raise TopoTypeError(
             f"spawn requires fn to be importable by the new processes, but {fn!r} is defined "
-            f"in an interactive __main__ (python -c, a REPL or a notebook); define it in a "
-            f"module file and import it"
+            f"in an interactive __main__ (python -c, a script read from stdin, a REPL or a "
+            f"notebook); define it in a module file and import it"
         )
     try:
         payload = pickle.dumps((fn, args))
@@ -146,45 +165,101 @@ class _Launch:
     def _collect(self) -> list[Any]:
         n = self.mesh.size
         results: dict[int, Any] = {}
+        errors: dict[int, tuple[str, str]] = {}  # rank -> (type and message, traceback)
+        died: list[int] = []
         port_sent = False
         pending = set(range(n))
+        settle_until: float | None = None  # after a first failure: gather the others' too
         while pending:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise RankFailedError(
-                    f"topo.spawn timed out after {self.timeout:g} s: rank(s) {sorted(pending)} "
-                    f"of {self.mesh!r} had not finished; raise timeout= or look for a rank "
-                    f"that waits on a collective the others never call"
-                )
+            now = time.monotonic()
+            if settle_until is not None and now >= settle_until:
+                break
+            if now >= self.deadline:
+                raise RankFailedError(self._timeout_message(pending), rank=self._stopped(pending))
+            limit = min(self.deadline, settle_until or self.deadline) - now
             watch: list[Any] = [self.conns[r] for r in pending]
             watch += [self.procs[r].sentinel for r in pending]
-            ready = mpc.wait(watch, timeout=min(remaining, 1.0))
+            ready = mpc.wait(watch, timeout=min(limit, 1.0))
             for rank in sorted(pending):
                 conn = self.conns[rank]
+                message: Any = None
                 if conn in ready or conn.poll():
                     try:
                         message = conn.recv()
                     except EOFError:
-                        # The rank closed its end without sending a result: it died.
-                        self._raise_died(rank)
-                    kind = message[0]
-                    if kind == "port" and not port_sent:
-                        for other in range(1, n):
-                            self.conns[other].send(("port", message[1]))
-                        port_sent = True
-                    elif kind == "result":
-                        results[rank] = self._unpickle(rank, message[1])
-                        pending.discard(rank)
-                    elif kind == "error":
-                        raise RankFailedError(
-                            f"rank {rank} of {self.mesh!r} raised {message[1]}\n"
-                            f"--- traceback of rank {rank} ---\n{message[2]}",
-                            rank=rank,
-                            remote_traceback=message[2],
-                        )
-                elif self.procs[rank].sentinel in ready and not self.conns[rank].poll():
-                    self._raise_died(rank)
+                        message = ("died",)  # closed its end without a result
+                elif self.procs[rank].sentinel in ready and not conn.poll():
+                    message = ("died",)
+                if message is None:
+                    continue
+                kind = message[0]
+                if kind == "port" and not port_sent:
+                    for other in range(1, n):
+                        self.conns[other].send(("port", message[1]))
+                    port_sent = True
+                elif kind == "result":
+                    results[rank] = self._unpickle(rank, message[1])
+                    pending.discard(rank)
+                elif kind in ("error", "died"):
+                    pending.discard(rank)
+                    if kind == "died":
+                        died.append(rank)
+                        settle_until = time.monotonic()  # the cause is known: report it now
+                        continue
+                    errors[rank] = (message[1], message[2])
+                    if message[1].split(":")[0] not in _PEER_ERRORS:
+                        settle_until = time.monotonic()  # an error of its own: the cause
+                    elif settle_until is None:
+                        settle_until = time.monotonic() + _SETTLE_SECONDS
+        if errors or died:
+            self._raise_culprit(errors, died, pending)
         return [results[r] for r in range(n)]
+
+    def _raise_culprit(
+        self, errors: dict[int, tuple[str, str]], died: list[int], pending: set[int]
+    ) -> NoReturn:
+        """Blame the cause, not the first to notice: a stopped rank, then a dead one, then one
+        that raised an error of its own, before ranks that only saw a peer vanish."""
+        stopped = self._stopped(pending)
+        others = ", ".join(f"rank {r}: {errors[r][0].splitlines()[0][:160]}" for r in sorted(errors))
+        seen = f"; what the other ranks saw — {others}" if others else ""
+        if stopped is not None:
+            raise RankFailedError(
+                f"rank {stopped} of {self.mesh!r} is stopped (process state T: SIGSTOP or a "
+                f"debugger) and made its peers time out{seen}",
+                rank=stopped,
+            )
+        if died:
+            self._raise_died(died[0], seen)
+        own = [r for r, (text, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
+        rank = min(own) if own else min(errors)
+        text, trace = errors[rank]
+        raise RankFailedError(
+            f"rank {rank} of {self.mesh!r} raised {text}\n--- traceback of rank {rank} ---\n"
+            f"{trace}",
+            rank=rank,
+            remote_traceback=trace,
+        )
+
+    def _stopped(self, ranks: set[int]) -> int | None:
+        """The lowest of ``ranks`` whose process is stopped (Linux /proc), if any."""
+        for rank in sorted(ranks):
+            pid = self.procs[rank].pid
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{pid}/stat") as stat:
+                    state = stat.read().rsplit(")", 1)[1].split()[0]
+                if state in ("T", "t"):
+                    return rank
+        return None
+
+    def _timeout_message(self, pending: set[int]) -> str:
+        stopped = self._stopped(pending)
+        why = f"; rank {stopped} is stopped (process state T)" if stopped is not None else ""
+        return (
+            f"topo.spawn timed out after {self.timeout:g} s: rank(s) {sorted(pending)} of "
+            f"{self.mesh!r} had not finished{why}; raise timeout= or look for a rank that waits "
+            f"on a collective the others never call"
+        )
 
     def _unpickle(self, rank: int, data: bytes) -> Any:
         try:
@@ -197,13 +272,13 @@ class _Launch:
                 rank=rank,
             ) from None
 
-    def _raise_died(self, rank: int) -> NoReturn:
+    def _raise_died(self, rank: int, seen: str = "") -> NoReturn:
         self.procs[rank].join(1.0)
         code = self.procs[rank].exitcode
         raise RankFailedError(
             f"rank {rank} of {self.mesh!r} died without a result (exit code "
             f"{code}{_signal_name(code)}); the other ranks were stopped. A script that calls "
-            f"topo.spawn at top level needs `if __name__ == '__main__':` around the call",
+            f"topo.spawn at top level needs `if __name__ == '__main__':` around the call{seen}",
             rank=rank,
         )
 
@@ -279,7 +354,7 @@ def _child_main(spec: _ChildSpec, conn: mpc.Connection, lifeline: mpc.Connection
 
 
 def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
-    import topo._dist as dist
+    from topo.store import host_store, listen_socket
     from topo.world import World
 
     if spec.share_gpu:
@@ -293,9 +368,8 @@ def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
     wait = timedelta(seconds=spec.activation_timeout)
     store = None
     if spec.rank == 0:
-        store = dist.TCPStore(
-            _LOOPBACK, 0, None, True, wait, wait_for_workers=False, multi_tenant=True
-        )
+        # Listens on loopback only: the local ranks are all that ever reach it.
+        store = host_store(_LOOPBACK, listen_socket(_LOOPBACK, 0), wait)
         port = store.port
         conn.send(("port", port))
     else:

@@ -21,6 +21,8 @@ def device_type(x: object, operation: str, name: str = "x") -> str:
         raise TopoTypeError(
             f"topo.{operation} {name} requires a torch.Tensor, but got {type(x).__name__}"
         )
+    if x.layout is not torch.strided or x.is_nested or x.is_quantized:
+        _refuse_layout(x, operation, name)
     if x.is_cpu:  # the two fast properties first: this runs on every collective call
         return "cpu"
     if x.is_cuda:
@@ -32,6 +34,23 @@ def device_type(x: object, operation: str, name: str = "x") -> str:
             f"device, but got {x.device}; move it with .cpu() or .cuda()"
         )
     return device
+
+
+def _refuse_layout(x: torch.Tensor, operation: str, name: str) -> None:
+    kind = (
+        "a nested tensor" if x.is_nested
+        else "a quantized tensor" if x.is_quantized
+        else f"a {x.layout} tensor"
+    )  # fmt: skip
+    fix = (
+        "x.dequantize()" if x.is_quantized
+        else "x.to_padded_tensor(0)" if x.is_nested
+        else "x.to_dense()"
+    )  # fmt: skip
+    raise TopoTypeError(
+        f"topo.{operation} {name} requires a dense (strided) tensor, but got {kind}; convert "
+        f"it with {fix} (or send its parts as dense tensors)"
+    )
 
 
 def check_tensor(x: object, operation: str, name: str = "x") -> torch.Tensor:

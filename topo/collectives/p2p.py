@@ -61,14 +61,19 @@ def recv(
         )
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
-    try:
-        dims = tuple(int(d) for d in shape)  # type: ignore[union-attr]
-    except TypeError:
+    if not isinstance(shape, (tuple, list, torch.Size)):
         raise TopoTypeError(
             f"topo.recv shape requires a sequence of ints like (4, 1024), but got "
             f"{type(shape).__name__} {shape!r}"
+        )
+    dims = tuple(as_int(d, "topo.recv shape", minimum=0) for d in shape)
+    try:
+        place = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TopoValueError(
+            f"topo.recv device requires a device like 'cpu' or 'cuda:0', but got {device!r}"
         ) from None
-    buffer = check_tensor(torch.empty(dims, dtype=dtype, device=device), "recv", "device")
+    buffer = check_tensor(torch.empty(dims, dtype=dtype, device=place), "recv", "device")
     peer = check_index(src, n, "recv", "src", axis)
     me = ctx.axis_index(names)
     if peer == me:

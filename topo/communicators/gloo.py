@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
@@ -136,9 +136,11 @@ class GlooCommunicator:
             f"errors"
         )
 
-    def _wait(self, work: dist.Work, operation: str) -> None:
+    def _run(self, operation: str, start: Callable[[], dist.Work]) -> None:
+        """Start one gloo operation and wait for it; any failure (also one gloo raises while
+        starting, as after an earlier timeout) becomes a :class:`CommunicationError`."""
         try:
-            work.wait()
+            start().wait()
         except RuntimeError as error:
             raise self._error(operation, error) from None
 
@@ -147,7 +149,7 @@ class GlooCommunicator:
     def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         y = self.buffers.empty_like(x)
         y.copy_(x)
-        self._wait(self.pg.allreduce([y], self._reduce_options[op]), "all_reduce")
+        self._run("all_reduce", lambda: self.pg.allreduce([y], self._reduce_options[op]))
         if op == "avg":
             y /= self.size
         return y
@@ -155,7 +157,7 @@ class GlooCommunicator:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         out = self.buffers.empty((self.size, *x.shape), x.dtype)
         moved, src = _as_bytes(out), _as_bytes(x)
-        self._wait(self.pg.allgather([list(moved.unbind(0))], [src]), "all_gather")
+        self._run("all_gather", lambda: self.pg.allgather([list(moved.unbind(0))], [src]))
         return out
 
     def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
@@ -173,17 +175,19 @@ class GlooCommunicator:
             y.copy_(x)
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self._wait(self.pg.broadcast([_as_bytes(y)], opts), "broadcast")
+        self._run("broadcast", lambda: self.pg.broadcast([_as_bytes(y)], opts))
         return y
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         opts = dist.GatherOptions()
         opts.rootRank = dst
         if self.index != dst:
-            self._wait(self.pg.gather([], [_as_bytes(x)], opts), "gather")
+            self._run("gather", lambda: self.pg.gather([], [_as_bytes(x)], opts))
             return None
         out = self.buffers.empty((self.size, *x.shape), x.dtype)
-        self._wait(self.pg.gather([list(_as_bytes(out).unbind(0))], [_as_bytes(x)], opts), "gather")
+        self._run(
+            "gather", lambda: self.pg.gather([list(_as_bytes(out).unbind(0))], [_as_bytes(x)], opts)
+        )
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
@@ -191,13 +195,17 @@ class GlooCommunicator:
         opts = dist.ScatterOptions()
         opts.rootRank = src
         inputs = [list(_as_bytes(x).unbind(0))] if self.index == src else []
-        self._wait(self.pg.scatter([_as_bytes(out)], inputs, opts), "scatter")
+        self._run("scatter", lambda: self.pg.scatter([_as_bytes(out)], inputs, opts))
         return out
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         out = self.buffers.empty_like(x)
-        work = self.pg.alltoall_base(_as_bytes(out), _as_bytes(x), [], [], dist.AllToAllOptions())
-        self._wait(work, "all_to_all")
+        self._run(
+            "all_to_all",
+            lambda: self.pg.alltoall_base(
+                _as_bytes(out), _as_bytes(x), [], [], dist.AllToAllOptions()
+            ),
+        )
         return out
 
     def exchange(
@@ -205,13 +213,16 @@ class GlooCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
-        works = [self.pg.recv([_as_bytes(buf)], peer, 0) for peer, buf in recvs]
-        works += [self.pg.send([_as_bytes(t)], peer, 0) for peer, t in sends]
-        for work in works:
-            self._wait(work, "send/recv")
+        try:
+            works = [self.pg.recv([_as_bytes(buf)], peer, 0) for peer, buf in recvs]
+            works += [self.pg.send([_as_bytes(t)], peer, 0) for peer, t in sends]
+            for work in works:
+                work.wait()
+        except RuntimeError as error:
+            raise self._error("send/recv", error) from None
 
     def barrier(self) -> None:
-        self._wait(self.pg.barrier(self._barrier_options), "barrier")
+        self._run("barrier", lambda: self.pg.barrier(self._barrier_options))
 
     def close(self, abort: bool = False) -> None:
         self.buffers.clear()

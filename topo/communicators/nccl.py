@@ -11,7 +11,7 @@ needs it, and any cupy build (cupy-cuda12x, cupy-cuda13x) works.
 from __future__ import annotations
 
 import contextlib
-import pickle
+import platform
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -83,6 +83,43 @@ def nccl_version() -> int:
     return int(load_nccl().get_version())
 
 
+#: ``ncclUniqueId`` is 128 bytes; cupy hands it over as a tuple of C ``char`` values.
+UNIQUE_ID_BYTES = 128
+
+
+def encode_unique_id(unique_id: Sequence[int]) -> bytes:
+    """cupy's unique id (a tuple of C ``char`` values) as its 128 raw bytes: what travels
+    through the store (never a pickle).
+
+    Example::
+
+        data = encode_unique_id(nccl.get_unique_id())   # 128 bytes
+    """
+    return bytes(int(v) % 256 for v in unique_id)
+
+
+def decode_unique_id(data: bytes, label: str = "NCCL") -> tuple[int, ...]:
+    """The 128 raw bytes of a unique id back as the tuple of C ``char`` values cupy takes
+    (signed where this platform's ``char`` is, as on x86-64).
+
+    Example::
+
+        unique_id = decode_unique_id(data)
+    """
+    if len(data) != UNIQUE_ID_BYTES:
+        raise CommunicationError(
+            f"creating the NCCL communicator for {label} requires a {UNIQUE_ID_BYTES}-byte "
+            f"unique id from the group's first rank, but got {len(data)} bytes; every rank "
+            f"must run the same topo version"
+        )
+    if _CHAR_IS_SIGNED:
+        return tuple(b - 256 if b > 127 else b for b in data)
+    return tuple(data)
+
+
+_CHAR_IS_SIGNED = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
+
+
 class NcclCommunicator:
     """A ``cupy.cuda.nccl.NcclCommunicator`` over one group's ranks, for CUDA tensors.
 
@@ -141,11 +178,12 @@ class NcclCommunicator:
                 f"torch.cuda.device_count() = {torch.cuda.device_count()}; pass "
                 f"activate(device=...) or set LOCAL_RANK / CUDA_VISIBLE_DEVICES"
             )
-        unique_id = nccl.get_unique_id() if index == 0 else None
         data = coordinator.broadcast(
-            pickle.dumps(unique_id) if index == 0 else None, src=ranks[0], ranks=ranks
+            encode_unique_id(nccl.get_unique_id()) if index == 0 else None,
+            src=ranks[0],
+            ranks=ranks,
         )
-        unique_id = pickle.loads(data)
+        unique_id = decode_unique_id(data, label)
         coordinator.barrier(f"nccl-init:{scope}", ranks=ranks)
         try:
             with torch.cuda.device(device):

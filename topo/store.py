@@ -1,0 +1,368 @@
+"""The rendezvous store: where it listens, how long a call to it may take, what it may carry.
+
+Three rules keep the store safe and every wait on it bounded:
+
+- **Listen only where MASTER_ADDR says.** The host binds a socket itself to MASTER_ADDR's
+  address (loopback for a local world and for ``topo.spawn``) and hands it to ``TCPStore``
+  (``master_listen_fd``), so the store is never reachable on other interfaces unless the user
+  asks for ``bind="0.0.0.0"``.
+- **Every call bounded.** :class:`BoundedStore` runs each store call on a worker thread and
+  gives up after the call's own timeout plus a margin: a store host that is stopped (SIGSTOP)
+  or a silent program holding the port ends in :class:`~topo.errors.RendezvousTimeout` naming
+  the address, never in a hang.
+- **Nothing executable.** Values are bytes or JSON; with a shared secret (``TOPO_SECRET`` or
+  ``activate(secret=...)``) control messages carry an HMAC-SHA256 tag bound to their key and
+  are refused (:class:`~topo.errors.AuthenticationError`) when it does not match.
+
+Example::
+
+    sock = listen_socket("127.0.0.1", 0)
+    store = host_store("127.0.0.1", sock, timedelta(seconds=30))
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import os
+import queue
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import topo._dist as dist
+from topo.errors import (
+    AuthenticationError,
+    PortInUseError,
+    RendezvousTimeout,
+    StoreLostError,
+    TopoTypeError,
+    TopoValueError,
+)
+
+__all__ = [
+    "BoundedStore",
+    "Sealer",
+    "connect_store",
+    "host_store",
+    "listen_socket",
+    "load_secret",
+]
+
+T = TypeVar("T")
+
+#: Extra seconds a store call may take beyond its own timeout before the store counts as
+#: unresponsive (a loaded machine answers late, a stopped one never).
+MARGIN_SECONDS = 5.0
+
+_TAG_BYTES = 32  # HMAC-SHA256
+
+
+def listen_socket(addr: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``addr:port`` (``port`` 0: the kernel picks) and listening.
+
+    ``addr`` ``"0.0.0.0"`` / ``"::"`` listens on every interface (reachable from the network);
+    anything else only on that address's interface.
+
+    Example::
+
+        sock = listen_socket("127.0.0.1", 0)
+        sock.getsockname()[1]   # the port
+    """
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise TopoValueError(
+            f"the rendezvous store requires an address it can listen on, but {addr!r} does not "
+            f"resolve ({error}); set MASTER_ADDR to rank 0's address"
+        ) from None
+    family, kind, proto, _, sockaddr = sorted(infos, key=lambda i: i[0] != socket.AF_INET)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(1024)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"the rendezvous store requires a free port at {addr}:{port}, but another "
+                f"program holds it ({error.strerror}); pick a free MASTER_PORT (or 0 with "
+                f"topo.spawn)"
+            ) from None
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise TopoValueError(
+                f"the rendezvous store requires MASTER_ADDR to be an address of rank 0's "
+                f"machine, but {addr!r} ({sockaddr[0]}) is not one here ({error.strerror}); set "
+                f"MASTER_ADDR to this machine's address, or bind='0.0.0.0' to listen everywhere"
+            ) from None
+        raise
+    return sock
+
+
+#: The stores this process hosts, by port: a second activation on the same port (nested, or
+#: ``mesh.activate()`` inside ``topo.spawn``) shares the live server, as ``TCPStore``'s own
+#: multi-tenant mode does. Weak: a store no activation holds any more is gone.
+_HOSTED: weakref.WeakValueDictionary[int, dist.TCPStore] = weakref.WeakValueDictionary()
+
+
+def host_store(addr: str, sock: socket.socket, timeout: timedelta) -> dist.TCPStore:
+    """Host a multi-tenant ``TCPStore`` on the listening ``sock`` (which it takes over).
+
+    Example::
+
+        store = host_store("127.0.0.1", listen_socket("127.0.0.1", 0), timedelta(seconds=30))
+    """
+    port = sock.getsockname()[1]
+    fd = sock.detach()
+    kwargs: dict[str, Any] = {"wait_for_workers": False, "multi_tenant": True}
+    try:
+        store = dist.TCPStore(addr, port, None, True, timeout, master_listen_fd=fd, **kwargs)
+    except (RuntimeError, ValueError):
+        # Older torch: the libuv server cannot adopt a socket; the classic one can.
+        store = dist.TCPStore(
+            addr, port, None, True, timeout, master_listen_fd=fd, use_libuv=False, **kwargs
+        )
+    _HOSTED[port] = store
+    return store
+
+
+def connect_store(
+    addr: str, port: int, timeout: timedelta, *, host: bool, bind: str | None, rank: int
+) -> dist.Store:
+    """Host the store (``host=True``: listen on ``bind`` or ``addr``) or reach it, within
+    ``timeout`` — a silent program on the port ends in an error naming the address.
+
+    Example::
+
+        store = connect_store("127.0.0.1", 29500, timedelta(seconds=30), host=True, bind=None,
+                              rank=0)
+    """
+    if host:
+        hosted = _HOSTED.get(port) if port else None
+        if hosted is not None:
+            return hosted
+        sock = listen_socket(bind or addr, port)
+        return host_store(addr, sock, timeout)
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def reach() -> dist.Store:
+        return dist.TCPStore(addr, port, None, False, timeout, wait_for_workers=False)
+
+    try:
+        return _bounded(reach, deadline, f"rank {rank} reaching the rendezvous store")
+    except RendezvousTimeout:
+        raise RendezvousTimeout(
+            f"rank {rank} could not reach the rendezvous store at {addr}:{port} within "
+            f"{timeout.total_seconds():g} s: something accepted the connection but never "
+            f"answered as a store (another program on MASTER_PORT?) or rank 0's store is hung; "
+            f"check MASTER_ADDR/MASTER_PORT and that rank 0 is running"
+        ) from None
+    except (RuntimeError, OSError) as error:
+        raise RendezvousTimeout(
+            f"rank {rank} could not reach the rendezvous store at {addr}:{port} within "
+            f"{timeout.total_seconds():g} s ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); is rank 0 running, and are "
+            f"MASTER_ADDR/MASTER_PORT the same on every rank?"
+        ) from None
+
+
+class _Worker:
+    """One daemon thread that runs store calls; a call stuck in C++ never blocks exit."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], _Result]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="topo-store", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn, result = self._jobs.get()
+            try:
+                result.value = fn()
+            except BaseException as error:
+                result.error = error
+            result.done.set()
+
+    def submit(self, fn: Callable[[], Any]) -> _Result:
+        result = _Result()
+        self._jobs.put((fn, result))
+        return result
+
+
+class _Result:
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+def _bounded(fn: Callable[[], T], deadline: float, what: str, worker: _Worker | None = None) -> T:
+    """``fn()`` on a worker thread; :class:`RendezvousTimeout` if it has not returned by
+    ``deadline`` + :data:`MARGIN_SECONDS`."""
+    result = (worker or _Worker()).submit(fn)
+    if not result.done.wait(max(deadline - time.monotonic(), 0.0) + MARGIN_SECONDS):
+        raise RendezvousTimeout(f"{what}: the store did not answer")
+    if result.error is not None:
+        raise result.error
+    value: T = result.value
+    return value
+
+
+class BoundedStore(dist.Store):
+    """A store wrapper that bounds every call, counts operations and remembers its keys.
+
+    topo routes its rendezvous traffic (its own and gloo's) through one of these: an
+    activation can report how many store operations it cost, delete what it wrote, and never
+    wait on an unresponsive store longer than its timeout plus :data:`MARGIN_SECONDS` —
+    then it raises :class:`~topo.errors.StoreLostError` naming the store's address.
+
+    Example::
+
+        store = BoundedStore(tcp_store, timedelta(seconds=60), where="127.0.0.1:29500 (rank 0)")
+        store.set("k", b"v")
+        store.ops  # 1
+    """
+
+    def __init__(self, inner: dist.Store, timeout: timedelta, where: str = "the store") -> None:
+        super().__init__()
+        self.inner = inner
+        self.limit = timeout
+        self.where = where
+        self.ops = 0
+        self.written: set[str] = set()
+        self._worker = _Worker()
+        self._native_multi_get = hasattr(inner, "multi_get")
+
+    def _call(self, name: str, fn: Callable[[], T], wait: timedelta | None = None) -> T:
+        self.ops += 1
+        limit = (wait or self.limit).total_seconds()
+        try:
+            return _bounded(fn, time.monotonic() + limit, name, self._worker)
+        except RendezvousTimeout:
+            raise StoreLostError(
+                f"the rendezvous store at {self.where} stopped answering: a {name} got no reply "
+                f"within {limit + MARGIN_SECONDS:g} s; its host (rank 0 unless the store was "
+                f"passed in) may be stopped (SIGSTOP), hung or cut off — look at rank 0"
+            ) from None
+
+    def set(self, key: str, value: Any) -> None:
+        self.written.add(key)
+        self._call("set", lambda: self.inner.set(key, value))
+
+    def get(self, key: str) -> bytes:
+        value: bytes = self._call("get", lambda: self.inner.get(key))
+        return value
+
+    def add(self, key: str, value: int) -> int:
+        count: int = self._call("add", lambda: self.inner.add(key, value))
+        return count
+
+    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        self.written.add(key)
+        value: bytes = self._call(
+            "compare_set", lambda: self.inner.compare_set(key, expected, desired)
+        )
+        return value
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        if timeout is None:
+            self._call("wait", lambda: self.inner.wait(keys))
+        else:
+            self._call("wait", lambda: self.inner.wait(keys, timeout), timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        found: bool = self._call("check", lambda: self.inner.check(keys))
+        return found
+
+    def delete_key(self, key: str) -> bool:
+        self.written.discard(key)
+        deleted: bool = self._call("delete_key", lambda: self.inner.delete_key(key))
+        return deleted
+
+    def num_keys(self) -> int:
+        count: int = self._call("num_keys", lambda: self.inner.num_keys())
+        self.ops -= 1  # bookkeeping, not rendezvous traffic
+        return count
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        self.inner.set_timeout(timeout)
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        if not self._native_multi_get:
+            return [self.get(k) for k in keys]
+        values: list[bytes] = self._call("multi_get", lambda: self.inner.multi_get(keys))
+        return values
+
+
+# Kept importable under its old name: it is the same wrapper.
+CountingStore = BoundedStore
+
+
+def load_secret(secret: object) -> bytes | None:
+    """The job's shared secret: ``secret`` (bytes or str), else ``TOPO_SECRET``, else None.
+
+    Example::
+
+        load_secret("s3cret")   # b's3cret'
+    """
+    if secret is None:
+        env = os.environ.get("TOPO_SECRET")
+        return env.encode() if env else None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TopoTypeError(
+            f"activate secret requires bytes or a str, but got {type(secret).__name__}; pass "
+            f"e.g. secret=os.environ['JOB_SECRET']"
+        )
+    if len(secret) < 8:
+        raise TopoValueError(
+            f"activate secret requires at least 8 bytes, but got {len(secret)}; use a random "
+            f"token such as secrets.token_hex(16)"
+        )
+    return secret
+
+
+class Sealer:
+    """Tags control messages with HMAC-SHA256 of (key, value) under the job's secret, and
+    checks the tags of what it reads; without a secret it passes values through.
+
+    Example::
+
+        sealer = Sealer(b"job-secret")
+        blob = sealer.seal("topo/0/uid", b"...")
+        sealer.open("topo/0/uid", blob)   # b"..."
+    """
+
+    def __init__(self, secret: bytes | None) -> None:
+        self.secret = secret
+
+    def _tag(self, key: str, value: bytes) -> bytes:
+        assert self.secret is not None
+        return hmac.new(self.secret, key.encode() + b"\0" + value, hashlib.sha256).digest()
+
+    def seal(self, key: str, value: bytes) -> bytes:
+        if self.secret is None:
+            return value
+        return self._tag(key, value) + value
+
+    def open(self, key: str, blob: bytes) -> bytes:
+        if self.secret is None:
+            return blob
+        tag, value = blob[:_TAG_BYTES], blob[_TAG_BYTES:]
+        if len(tag) != _TAG_BYTES or not hmac.compare_digest(tag, self._tag(key, value)):
+            raise AuthenticationError(
+                f"the control message at store key {key!r} requires a valid HMAC tag under the "
+                f"job's secret, but its tag does not match: it was written by a process without "
+                f"the secret (an intruder, or a rank started without TOPO_SECRET); refused it. "
+                f"Give every rank the same TOPO_SECRET"
+            )
+        return value
