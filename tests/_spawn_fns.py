@@ -473,3 +473,13 @@ def back_to_back_on_own_store(times: int) -> list[float]:
         with DeviceMesh(a=world.world_size).activate(world, timeout=60):
             pass  # an empty block: the quickest close-then-join
     return sums
+
+
+def stop_rank_then_all_reduce(victim: int) -> float:
+    """Rank ``victim`` stops itself (SIGSTOP) before an all_reduce the others wait on."""
+    import os
+    import signal
+
+    if topo.current().rank == victim:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return float(topo.all_reduce(torch.ones(1), axis=("dp", "tp")).item())

@@ -24,7 +24,13 @@ from datetime import timedelta
 from typing import Any
 
 import topo._dist as dist
-from topo.errors import RendezvousTimeout, StoreLostError, TopoTypeError, TopoValueError
+from topo.errors import (
+    RendezvousError,
+    RendezvousTimeout,
+    StoreLostError,
+    TopoTypeError,
+    TopoValueError,
+)
 from topo.store import BoundedStore, Sealer, connect_store
 from topo.world import World
 
@@ -304,7 +310,7 @@ class Coordinator:
             keys = [f"{base}/{r}" for r in members]
             self._wait(keys, "all_gather_json", members, base)
             blobs = self.store.multi_get(keys)
-            values = [json.loads(self.sealer.open(k, b)) for k, b in zip(keys, blobs, strict=True)]
+            values = [_from_json(k, self.sealer.open(k, b)) for k, b in zip(keys, blobs, strict=True)]
             if self.store.add(f"{base}/read", 1) == len(members):
                 for key in [*keys, f"{base}/read"]:
                     self.store.delete_key(key)
@@ -368,7 +374,7 @@ class Coordinator:
         pause = 0.05
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left < 0.01:  # a 0 ms wait means "no limit" to the stores: never ask for one
                 break
             try:
                 self.store.wait(keys, timedelta(seconds=min(pause, left)))
@@ -427,6 +433,17 @@ class Coordinator:
         )
 
 
+def _from_json(key: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise RendezvousError(
+            f"the store key {key!r} requires a JSON value written by topo, but holds "
+            f"{len(data)} bytes that are not JSON: something else wrote it (another program on "
+            f"the store's port?); refused it — nothing read from the store is unpickled"
+        ) from None
+
+
 def _open_generation(
     store: BoundedStore, world: World, namespace: str, deadline: float, label: str
 ) -> int:
@@ -439,7 +456,7 @@ def _open_generation(
         return generation
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left < 0.01:
             raise RendezvousTimeout(
                 f"rank {world.rank} {label}: rank 0 did not open the activation within the "
                 f"timeout: rank 0 did not arrive (is it running, with the same mesh and name?)"

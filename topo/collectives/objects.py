@@ -48,7 +48,7 @@ def broadcast_object(obj: Any, axis: Axis, src: int = 0) -> Any:
     ctx, names, n = find_context(axis, "broadcast_object")
     root = check_index(src, n, "broadcast_object", "src", axis)
     if n == 1:
-        return pickle.loads(pickle.dumps(obj))
+        return pickle.loads(_to_tensor(obj, "broadcast_object").numpy().tobytes())
     comm = ctx.communicator(names, "cpu")
     payload, problem = torch.empty(0, dtype=torch.uint8), None
     if comm.index == root:
@@ -85,7 +85,7 @@ def all_gather_object(obj: Any, axis: Axis) -> list[Any]:
     """
     ctx, names, n = find_context(axis, "all_gather_object")
     if n == 1:
-        return [pickle.loads(pickle.dumps(obj))]
+        return [pickle.loads(_to_tensor(obj, "all_gather_object").numpy().tobytes())]
     comm = ctx.communicator(names, "cpu")
     payload, problem = torch.empty(0, dtype=torch.uint8), None
     try:
