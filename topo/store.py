@@ -248,7 +248,7 @@ class BoundedStore(dist.Store):
             return _bounded(fn, time.monotonic() + limit, name, self._worker)
         except RendezvousTimeout:
             raise StoreLostError(
-                f"the rendezvous store at {self.where} stopped answering: a {name} got no reply "
+                f"the rendezvous store at {self.where} stopped answering: a store {name} got no reply "
                 f"within {limit + MARGIN_SECONDS:g} s; its host (rank 0 unless the store was "
                 f"passed in) may be stopped (SIGSTOP), hung or cut off — look at rank 0"
             ) from None
