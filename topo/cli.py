@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, NoReturn
 
-__all__ = ["COMMANDS", "Command", "main"]
+__all__ = ["COMMANDS", "Command", "add_mesh_argument", "main"]
 
 
 class Command(NamedTuple):
@@ -41,6 +41,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser, help: str, optional: bool = False) -> None:
+    """Declare the positional mesh spec, ``NAME=SIZE`` words outermost axis first (read with
+    :func:`topo.parse_mesh`); ``optional`` lets it be left out.
+
+    Example::
+
+        add_mesh_argument(parser, "mesh axes outermost first, e.g. 'dp=2 tp=2'")
+    """
+    parser.add_argument("spec", nargs="*" if optional else "+", metavar="NAME=SIZE", help=help)
 
 
 def _subcommand(

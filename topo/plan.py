@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from topo.cli import add_mesh_argument
 from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import DeviceMesh
 from topo.placement import Placement, parse_mesh
@@ -319,11 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
         add_arguments(argparse.ArgumentParser())
     """
-    parser.add_argument(
-        "spec",
-        nargs="+",
-        metavar="NAME=SIZE",
-        help="mesh axes outermost first, e.g. 'dp=2 pp=2 tp=2' or 'dp=2,pp=2,tp=2'",
+    add_mesh_argument(
+        parser, "mesh axes outermost first, e.g. 'dp=2 pp=2 tp=2' or 'dp=2,pp=2,tp=2'"
     )
     parser.add_argument(
         "--rank",

@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 import attrs
 
+from topo.cli import add_mesh_argument
 from topo.errors import TopoValueError
 from topo.mesh import DeviceMesh
 
@@ -91,12 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
         add_arguments(argparse.ArgumentParser())
     """
-    parser.add_argument(
-        "spec",
-        nargs="*",
-        metavar="NAME=SIZE",
-        help="local mesh, outermost axis first (default dp=2 tp=2); under "
+    add_mesh_argument(
+        parser,
+        "local mesh, outermost axis first (default dp=2 tp=2); under "
         "torchrun/srun/mpirun it must match the world size (default: one axis 'world')",
+        optional=True,
     )
     parser.add_argument(
         "--axis",
