@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 import topo
-from topo.bench import _RawGroup
+from topo.bench import RawGroup as _RawGroup
 
 # ------------------------------------------------------------------------- on each rank
 

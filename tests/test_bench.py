@@ -87,10 +87,10 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_config_from_arguments() -> None:
     mesh = DeviceMesh(dp=2, pp=1, tp=2)
-    config = bench._config_from_args(_args("-b", "8", "-e", "64", "-f", "2"), mesh)
+    config = bench.config_from_args(_args("-b", "8", "-e", "64", "-f", "2"), mesh)
     assert config.sizes == (8, 16, 32, 64)
     assert config.axes == (("dp",), ("tp",))  # every axis of size > 1
-    config = bench._config_from_args(_args("--axis", "tp,dp", "--collectives", "broadcast"), mesh)
+    config = bench.config_from_args(_args("--axis", "tp,dp", "--collectives", "broadcast"), mesh)
     assert config.axes == (("dp", "tp"),) and config.collectives == ("broadcast",)
 
 

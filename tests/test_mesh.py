@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import topo.mesh
-from topo.mesh import DeviceMesh, Placement, parse_mesh
+import topo.placement
+from topo.mesh import DeviceMesh
+from topo.placement import Placement, parse_mesh
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -840,6 +842,19 @@ def test_module_doctests() -> None:
     result = doctest.testmod(topo.mesh, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
     assert result.attempted > 20
+    result = doctest.testmod(topo.placement, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted >= 5
+
+
+def test_placement_and_parse_mesh_are_still_importable_from_topo_mesh() -> None:
+    from topo.mesh import Placement as OldPlacement
+    from topo.mesh import parse_mesh as old_parse_mesh
+
+    assert OldPlacement is Placement and old_parse_mesh is parse_mesh
+    assert topo.Placement is Placement and topo.parse_mesh is parse_mesh
+    with pytest.raises(AttributeError, match="no attribute 'Placements'"):
+        topo.mesh.Placements  # noqa: B018
 
 
 def test_scale_sanity_million_ranks() -> None:

@@ -148,7 +148,7 @@ def test_warnings_match_placement_and_advice_works(sizes: list[int], data: st.Da
         block = mesh.axis_size("tp") * mesh.stride("tp")
         if "reorder the axes as `" in warning:
             reordered = warning.split("`")[1]
-            from topo.mesh import parse_mesh
+            from topo.placement import parse_mesh
 
             assert not parse_mesh(reordered).placement(rpn).spans_nodes("tp")
         if f"multiple of {block}" in warning:

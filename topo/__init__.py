@@ -26,6 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from topo.mesh import *  # noqa: F403  (pure rank math: loaded eagerly)
+from topo.placement import *  # noqa: F403  (pure, as topo.mesh)
 
 if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.collectives import *  # noqa: F403
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
 
 __version__ = "0.1.0"
 
-#: The modules whose ``__all__`` topo re-exports besides ``topo.mesh``: those that need no
+#: The modules whose ``__all__`` topo re-exports besides the eager ones: those that need no
 #: torch first, so that ``topo.World`` or ``topo.TopoError`` never import it.
 _LAZY_MODULES = (
     "topo.errors",
@@ -49,7 +50,7 @@ _LAZY_MODULES = (
     "topo.collectives",
     "topo.graphs",
 )
-_EAGER_MODULES = ("topo.mesh",)
+_EAGER_MODULES = ("topo.mesh", "topo.placement")
 
 
 def _public_names() -> dict[str, str]:

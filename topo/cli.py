@@ -10,12 +10,13 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, NoReturn
 
-__all__ = ["COMMANDS", "Command", "main"]
+__all__ = ["COMMANDS", "Command", "add_mesh_argument", "main"]
 
 
 class Command(NamedTuple):
@@ -26,7 +27,7 @@ class Command(NamedTuple):
 
     Example::
 
-        Command("plan", "show a mesh's groups", _add_plan_arguments, _run_plan)
+        Command("plan", "show a mesh's groups", plan.add_arguments, plan.run)
     """
 
     name: str
@@ -42,79 +43,47 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# ------------------------------------------------------------------------------- topo plan
+def add_mesh_argument(parser: argparse.ArgumentParser, help: str, optional: bool = False) -> None:
+    """Declare the positional mesh spec, ``NAME=SIZE`` words outermost axis first (read with
+    :func:`topo.parse_mesh`); ``optional`` lets it be left out.
+
+    Example::
+
+        add_mesh_argument(parser, "mesh axes outermost first, e.g. 'dp=2 tp=2'")
+    """
+    parser.add_argument("spec", nargs="*" if optional else "+", metavar="NAME=SIZE", help=help)
 
 
-def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "spec",
-        nargs="+",
-        metavar="NAME=SIZE",
-        help="mesh axes outermost first, e.g. 'dp=2 pp=2 tp=2' or 'dp=2,pp=2,tp=2'",
-    )
-    parser.add_argument(
-        "--rank",
-        type=int,
-        metavar="R",
-        help="also show rank R's coordinates, groups and neighbours",
-    )
-    parser.add_argument(
-        "--ranks-per-node",
-        type=int,
-        metavar="N",
-        help="also show node placement with N consecutive ranks per node",
-    )
-    parser.add_argument(
-        "--intra-node",
-        metavar="AXES",
-        help="comma-separated axes that should stay inside a node (default: tp, if present)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+def _subcommand(
+    module: str,
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``add_arguments`` and ``run`` of the subcommand ``module``, imported when called."""
 
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
 
-def _run_plan(args: argparse.Namespace) -> int:
-    from topo.mesh import parse_mesh
-    from topo.plan import format_json, format_plan, plan_dict
+    def run(args: argparse.Namespace) -> int:
+        status: int = importlib.import_module(module).run(args)
+        return status
 
-    mesh = parse_mesh(args.spec)
-    intra = (
-        None
-        if args.intra_node is None
-        else [a.strip() for a in args.intra_node.split(",") if a.strip()]
-    )
-    plan = plan_dict(mesh, args.rank, args.ranks_per_node, intra)
-    print(format_json(plan) if args.json else format_plan(plan))
-    return 0
-
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from topo import bench
-
-    bench.add_arguments(parser)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from topo import bench
-
-    return bench.run(args)
+    return add_arguments, run
 
 
 #: The subcommands, in help order. A subcommand module provides add_arguments(parser) and
-#: run(args) -> int, and imports torch inside run (not at module level) so that `topo plan`
+#: run(args) -> int (as topo.plan and topo.bench do), is imported only when its command is
+#: parsed or run, and imports torch inside run (not at module level) so that `topo plan`
 #: stays fast.
 COMMANDS: tuple[Command, ...] = (
     Command(
         "plan",
         "show a mesh's groups, a rank's neighbours and node placement",
-        _add_plan_arguments,
-        _run_plan,
+        *_subcommand("topo.plan"),
     ),
     Command(
         "bench",
         "time every collective over a size sweep against raw torch ProcessGroup calls "
         "(nccl-tests format)",
-        _add_bench_arguments,
-        _run_bench,
+        *_subcommand("topo.bench"),
     ),
 )
 

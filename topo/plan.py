@@ -1,7 +1,7 @@
-"""The logic of ``topo plan``: a mesh's groups, one rank's view and node placement, as data or text.
+"""``topo plan``: a mesh's groups, one rank's view and node placement, as data or text.
 
-:func:`plan_dict` builds a JSON-able dict and :func:`format_plan` renders it as text; nothing
-here prints. Output is bounded whatever the world size: each axis lists at most
+:func:`plan_dict` builds a JSON-able dict and :func:`format_plan` renders it as text; only the
+command itself (:func:`add_arguments` declares its options, :func:`run` runs it) prints. Output is bounded whatever the world size: each axis lists at most
 ``max_groups`` groups of at most ``max_ranks`` ranks, and the node table appears only for
 meshes of at most :data:`NODE_TABLE_LIMIT` ranks. The work is bounded too: group heads are
 computed arithmetically (O(#axes + shown ranks)), never by enumerating groups.
@@ -9,25 +9,30 @@ computed arithmetically (O(#axes + shown ranks)), never by enumerating groups.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
+from topo.cli import add_mesh_argument
 from topo.errors import TopoTypeError, TopoValueError
-from topo.mesh import DeviceMesh, Placement
+from topo.mesh import DeviceMesh
+from topo.placement import Placement, parse_mesh
 
 __all__ = [
     "DEFAULT_INTRA_NODE",
     "MAX_GROUPS",
     "MAX_RANKS",
     "NODE_TABLE_LIMIT",
+    "add_arguments",
     "format_json",
     "format_plan",
     "intra_node_axes",
     "plan_dict",
     "plan_text",
+    "run",
 ]
 
 #: Axes that should stay inside a node when ``intra_node`` is not given (those in the mesh).
@@ -62,7 +67,9 @@ def intra_node_axes(mesh: DeviceMesh, intra_node: Sequence[str] | None = None) -
     for axis in intra_node:
         if axis not in mesh.axis_names:
             valid = ", ".join(repr(a) for a in mesh.axis_names)
-            raise TopoValueError(f"intra_node got unknown axis {axis!r}: mesh {mesh} has axes {valid}")
+            raise TopoValueError(
+                f"intra_node got unknown axis {axis!r}: mesh {mesh} has axes {valid}"
+            )
         if axis not in names:
             names.append(axis)
     return names
@@ -301,3 +308,54 @@ def plan_text(
         placement: 2 ranks per node, 2 nodes
     """
     return format_plan(plan_dict(mesh, rank, ranks_per_node, intra_node))
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare ``topo plan``'s options.
+
+    Example::
+
+        add_arguments(argparse.ArgumentParser())
+    """
+    add_mesh_argument(
+        parser, "mesh axes outermost first, e.g. 'dp=2 pp=2 tp=2' or 'dp=2,pp=2,tp=2'"
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        metavar="R",
+        help="also show rank R's coordinates, groups and neighbours",
+    )
+    parser.add_argument(
+        "--ranks-per-node",
+        type=int,
+        metavar="N",
+        help="also show node placement with N consecutive ranks per node",
+    )
+    parser.add_argument(
+        "--intra-node",
+        metavar="AXES",
+        help="comma-separated axes that should stay inside a node (default: tp, if present)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``topo plan`` from parsed arguments: print the plan; returns the exit status.
+
+    Example::
+
+        run(parser.parse_args(["dp=2", "tp=2", "--rank", "3"]))
+    """
+    mesh = parse_mesh(args.spec)
+    intra = (
+        None
+        if args.intra_node is None
+        else [a.strip() for a in args.intra_node.split(",") if a.strip()]
+    )
+    plan = plan_dict(mesh, args.rank, args.ranks_per_node, intra)
+    print(format_json(plan) if args.json else format_plan(plan))
+    return 0

@@ -6,12 +6,8 @@ import torch
 
 from topo._checks import as_int
 from topo.communicators.base import REDUCE_OPS, ReduceOp
-from topo.communicators.gloo import GLOO_REDUCE_DTYPES
-from topo.communicators.nccl_types import NCCL_REDUCE_DTYPES
+from topo.communicators.dtypes import BACKENDS, REDUCE_DTYPES, dtype_names
 from topo.errors import TopoTypeError, TopoValueError
-
-_REDUCE_DTYPES = {"cpu": GLOO_REDUCE_DTYPES, "cuda": NCCL_REDUCE_DTYPES}
-_BACKEND = {"cpu": "gloo", "cuda": "NCCL"}
 
 
 def device_type(x: object, operation: str, name: str = "x") -> str:
@@ -28,7 +24,7 @@ def device_type(x: object, operation: str, name: str = "x") -> str:
     if x.is_cuda:
         return "cuda"
     device: str = x.device.type
-    if device not in _BACKEND:
+    if device not in BACKENDS:
         raise TopoValueError(
             f"topo.{operation} {name} requires a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) "
             f"device, but got {x.device}; move it with .cpu() or .cuda()"
@@ -70,10 +66,10 @@ def check_reduce(
         )
     if device is None:
         device = x.device.type
-    if x.dtype not in _REDUCE_DTYPES[device]:
-        valid = ", ".join(sorted(str(d).removeprefix("torch.") for d in _REDUCE_DTYPES[device]))
+    if x.dtype not in REDUCE_DTYPES[device]:
+        valid = dtype_names(REDUCE_DTYPES[device])
         raise TopoTypeError(
-            f"topo.{operation} x requires a dtype {_BACKEND[device]} can reduce ({valid}), but "
+            f"topo.{operation} x requires a dtype {BACKENDS[device]} can reduce ({valid}), but "
             f"got {x.dtype}; cast it first (e.g. x.float())"
         )
     if op == "avg" and not x.dtype.is_floating_point:

@@ -8,11 +8,34 @@ import torch
 
 from topo._checks import as_bool, as_int
 from topo.collectives._common import check_index, check_tensor, device_type
+from topo.communicators.base import Communicator
 from topo.context import MeshContext, find_context
 from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import Axis
 
 __all__ = ["ppermute", "recv", "send", "shift"]
+
+
+def _pair(
+    ctx: MeshContext,
+    names: tuple[str, ...],
+    n: int,
+    axis: Axis,
+    peer: object,
+    operation: str,
+    name: str,
+    device: str,
+) -> Communicator:
+    """The two-rank communicator between this rank and index ``peer`` of its group (checked:
+    an index within the axis, and another than this rank's own)."""
+    index = check_index(peer, n, operation, name, axis)
+    me = ctx.axis_index(names)
+    if index == me:
+        raise TopoValueError(
+            f"topo.{operation} {name} requires another index than this rank's own ({me}) along "
+            f"axis {axis!r}, but got {index}"
+        )
+    return ctx.pair_communicator(names, index, device)
 
 
 def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
@@ -27,14 +50,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
     """
     ctx, names, n = find_context(axis, "send")
     device = device_type(x, "send")
-    peer = check_index(dst, n, "send", "dst", axis)
-    me = ctx.axis_index(names)
-    if peer == me:
-        raise TopoValueError(
-            f"topo.send dst requires another index than this rank's own ({me}) along axis "
-            f"{axis!r}, but got {peer}"
-        )
-    comm = ctx.pair_communicator(names, peer, device)
+    comm = _pair(ctx, names, n, axis, dst, "send", "dst", device)
     comm.exchange([(1 - comm.index, x.contiguous())], [])
 
 
@@ -74,14 +90,7 @@ def recv(
             f"topo.recv device requires a device like 'cpu' or 'cuda:0', but got {device!r}"
         ) from None
     buffer = check_tensor(torch.empty(dims, dtype=dtype, device=place), "recv", "device")
-    peer = check_index(src, n, "recv", "src", axis)
-    me = ctx.axis_index(names)
-    if peer == me:
-        raise TopoValueError(
-            f"topo.recv src requires another index than this rank's own ({me}) along axis "
-            f"{axis!r}, but got {peer}"
-        )
-    comm = ctx.pair_communicator(names, peer, buffer.device.type)
+    comm = _pair(ctx, names, n, axis, src, "recv", "src", buffer.device.type)
     comm.exchange([], [(1 - comm.index, buffer)])
     return buffer
 

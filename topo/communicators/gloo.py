@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -19,34 +18,10 @@ import torch
 import topo._dist as dist
 from topo.communicators.base import ReduceOp
 from topo.communicators.buffers import BufferPool
+from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
 from topo.errors import CommunicationError, CommunicationTimeout
 
 __all__ = ["GLOO_REDUCE_DTYPES", "GlooCommunicator"]
-
-#: Dtypes gloo can reduce; other dtypes move as raw bytes in non-reducing collectives.
-GLOO_REDUCE_DTYPES = frozenset(
-    {
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.int8,
-        torch.uint8,
-        torch.int32,
-        torch.int64,
-    }
-)
-
-#: topo reduce op → torch ReduceOp (gloo has no AVG: "avg" sums, then divides).
-TORCH_REDUCE_OPS: Mapping[str, Any] = MappingProxyType(
-    {
-        "sum": dist.ReduceOp.SUM,
-        "avg": dist.ReduceOp.SUM,
-        "max": dist.ReduceOp.MAX,
-        "min": dist.ReduceOp.MIN,
-        "prod": dist.ReduceOp.PRODUCT,
-    }
-)
 
 
 def _gloo_devices(local: bool) -> list[object]:
