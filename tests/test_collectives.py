@@ -488,7 +488,8 @@ def test_rank_that_never_arrives(tmp_path: Path) -> None:
         caught = json.loads((tmp_path / f"rank{rank}.json").read_text())
         activation = caught["activation"]
         assert "activating DeviceMesh(a=4)" in activation
-        assert "rank(s) [3] of [0, 1, 2, 3] did not arrive" in activation
+        # the rank that times out first says so; the others relay its verdict
+        assert "rank(s) [3]" in activation and "did not arrive" in activation
         assert caught["activation_s"] < 10
         kind, text = caught["communicator"]
         assert kind in ("CommunicationTimeout", "CommunicationError"), text

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,25 @@ from topo.errors import (
 if TYPE_CHECKING:
     from topo.coordinator import Coordinator
 
-__all__ = ["NcclCommunicator", "load_nccl", "nccl_version"]
+__all__ = ["NcclCommunicator", "install_hint", "load_nccl", "nccl_version"]
 
-_INSTALL_HINT = (
-    "pip install 'topo[nccl]' (cupy-cuda12x + nvidia-nccl-cu12, for CUDA 12) or "
-    "pip install cupy-cuda13x (CUDA 13)"
-)
+def install_hint(cuda_version: str | None = None) -> str:
+    """How to install cupy and libnccl for this machine's CUDA (torch's CUDA version).
+
+    Example::
+
+        install_hint("13.0")   # "pip install 'topo[nccl-cu13]' (cupy-cuda13x + ...)"
+    """
+    version = torch.version.cuda if cuda_version is None else cuda_version
+    major = (version or "").split(".")[0]
+    if major == "13":
+        return "pip install 'topo[nccl-cu13]' (cupy-cuda13x + nvidia-nccl-cu13, for CUDA 13)"
+    if major == "12":
+        return "pip install 'topo[nccl-cu12]' (cupy-cuda12x + nvidia-nccl-cu12, for CUDA 12)"
+    return (
+        "pip install 'topo[nccl-cu12]' for CUDA 12 or 'topo[nccl-cu13]' for CUDA 13 (this torch "
+        f"reports CUDA {version or 'none'}: install a CUDA build of torch first)"
+    )
 
 
 def load_nccl() -> ModuleType:
@@ -54,7 +68,7 @@ def load_nccl() -> ModuleType:
     except ImportError as error:
         raise BackendUnavailableError(
             f"NCCL collectives on CUDA tensors require cupy, which is not installed "
-            f"({error}); {_INSTALL_HINT}"
+            f"({error}); {install_hint()}"
         ) from None
     try:
         from cupy.cuda import nccl
@@ -68,7 +82,7 @@ def load_nccl() -> ModuleType:
     if module is None or not getattr(module, "available", True):
         raise BackendUnavailableError(
             f"cupy was built without NCCL support (cupy.cuda.nccl.available is False); "
-            f"{_INSTALL_HINT}"
+            f"{install_hint()}"
         )
     return module
 
@@ -148,6 +162,9 @@ class NcclCommunicator:
         self.label = label
         self.timeout = timeout
         self._native_avg = int(nccl.get_version()) >= 21000
+        self._device_index = device.index if device.index is not None else 0
+        self._async_error: str | None = None
+        self._watchdog: tuple[threading.Thread, threading.Event] | None = None
 
     @classmethod
     def create(
@@ -204,7 +221,9 @@ class NcclCommunicator:
     # ---------------------------------------------------------------- plumbing
 
     def _stream(self) -> int:
-        return int(torch.cuda.current_stream(self.device).cuda_stream)
+        """The raw handle of torch's current stream on this device (no Stream object: the
+        cheap path torch's own collectives use)."""
+        return int(_RAW_STREAM(self._device_index))
 
     def _check(self, x: torch.Tensor, what: str) -> None:
         if x.device != self.device:
@@ -215,30 +234,31 @@ class NcclCommunicator:
             )
 
     def _live(self) -> Any:
-        if self._comm is None:
+        comm = self._comm
+        if comm is None:
+            why = f" ({self._async_error})" if self._async_error else ""
             raise CommunicationError(
                 f"{self.label}: collectives require an open communicator, but this NCCL "
-                f"communicator is closed (its context ended or it was aborted after an error); "
-                f"call collectives inside the `with mesh.activate():` block"
+                f"communicator is closed (its context ended or it was aborted after an "
+                f"error{why}); call collectives inside the `with mesh.activate():` block"
             )
-        return self._comm
+        return comm
 
-    @contextlib.contextmanager
-    def _calling(self, what: str) -> Iterator[Any]:
-        comm = self._live()
+    def _failed(self, what: str, error: BaseException) -> CommunicationError:
+        return CommunicationError(f"{what} on {self.label} failed in NCCL: {error}")
+
+    def _grouped(self, what: str, calls: Callable[[Any, int], None]) -> None:
+        """Run ``calls(comm, stream)`` between ``groupStart``/``groupEnd`` (point-to-point)."""
+        comm, stream = self._live(), self._stream()
+        nccl = self._nccl
         try:
-            yield comm
-        except self._nccl.NcclError as error:
-            raise CommunicationError(f"{what} on {self.label} failed in NCCL: {error}") from None
-
-    @contextlib.contextmanager
-    def _group(self, what: str) -> Iterator[Any]:
-        with self._calling(what) as comm:
-            self._nccl.groupStart()
+            nccl.groupStart()
             try:
-                yield comm
+                calls(comm, stream)
             finally:
-                self._nccl.groupEnd()
+                nccl.groupEnd()
+        except nccl.NcclError as error:
+            raise self._failed(what, error) from None
 
     @staticmethod
     def _count(x: torch.Tensor) -> int:
@@ -246,78 +266,101 @@ class NcclCommunicator:
         return x.numel() if x.dtype in NCCL_DTYPES else x.numel() * x.element_size()
 
     # ------------------------------------------------------------- collectives
+    # The reductions are the hot path: no context manager, no Stream object, one dict lookup
+    # per code; every check that can be made once was made at creation.
 
     def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        self._check(x, "all_reduce")
+        if x.device != self.device:
+            self._check(x, "all_reduce")
+        comm = self._comm or self._live()
         y = torch.empty_like(x)
         native = op != "avg" or self._native_avg
-        code = NCCL_OPS[op if native else "sum"]
-        with self._calling("all_reduce") as comm:
+        try:
             comm.allReduce(
-                x.data_ptr(), y.data_ptr(), x.numel(), nccl_dtype(x.dtype, True), code,
-                self._stream(),
+                x.data_ptr(), y.data_ptr(), x.numel(), nccl_dtype(x.dtype, True),
+                NCCL_OPS[op if native else "sum"], self._stream(),
             )  # fmt: skip
+        except self._nccl.NcclError as error:
+            raise self._failed("all_reduce", error) from None
         if not native:
             y /= self.size
         return y
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x, "all_gather")
+        if x.device != self.device:
+            self._check(x, "all_gather")
+        comm = self._comm or self._live()
         out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-        code = nccl_dtype(x.dtype, False)
-        with self._calling("all_gather") as comm:
-            comm.allGather(x.data_ptr(), out.data_ptr(), self._count(x), code, self._stream())
+        try:
+            comm.allGather(
+                x.data_ptr(), out.data_ptr(), self._count(x), nccl_dtype(x.dtype, False),
+                self._stream(),
+            )  # fmt: skip
+        except self._nccl.NcclError as error:
+            raise self._failed("all_gather", error) from None
         return out
 
     def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        self._check(x, "reduce_scatter")
+        if x.device != self.device:
+            self._check(x, "reduce_scatter")
+        comm = self._comm or self._live()
         out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
         native = op != "avg" or self._native_avg
-        with self._calling("reduce_scatter") as comm:
+        try:
             comm.reduceScatter(
                 x.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(x.dtype, True),
                 NCCL_OPS[op if native else "sum"], self._stream(),
             )  # fmt: skip
+        except self._nccl.NcclError as error:
+            raise self._failed("reduce_scatter", error) from None
         if not native:
             out /= self.size
         return out
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
         self._check(x, "broadcast")
+        comm = self._live()
         y = torch.empty_like(x)
-        code = nccl_dtype(x.dtype, False)
-        with self._calling("broadcast") as comm:
-            comm.broadcast(x.data_ptr(), y.data_ptr(), self._count(x), code, src, self._stream())
+        try:
+            comm.broadcast(
+                x.data_ptr(), y.data_ptr(), self._count(x), nccl_dtype(x.dtype, False), src,
+                self._stream(),
+            )  # fmt: skip
+        except self._nccl.NcclError as error:
+            raise self._failed("broadcast", error) from None
         return y
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         self._check(x, "gather")
-        code = nccl_dtype(x.dtype, False)
-        count, stream = self._count(x), self._stream()
+        code, count = nccl_dtype(x.dtype, False), self._count(x)
         if self.index != dst:
-            with self._group("gather") as comm:
-                comm.send(x.data_ptr(), count, code, dst, stream)
+            self._grouped("gather", lambda c, s: c.send(x.data_ptr(), count, code, dst, s))
             return None
         out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-        with self._group("gather") as comm:
+
+        def receive(comm: Any, stream: int) -> None:
             for peer in range(self.size):
                 if peer != dst:
                     comm.recv(out[peer].data_ptr(), count, code, peer, stream)
+
+        self._grouped("gather", receive)
         out[dst].copy_(x)
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
         self._check(x, "scatter")
         out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        code = nccl_dtype(x.dtype, False)
-        count, stream = self._count(out), self._stream()
-        with self._group("scatter") as comm:
+        code, count = nccl_dtype(x.dtype, False), self._count(out)
+
+        def move(comm: Any, stream: int) -> None:
             if self.index == src:
                 for peer in range(self.size):
                     if peer != src:
                         comm.send(x[peer].data_ptr(), count, code, peer, stream)
             else:
                 comm.recv(out.data_ptr(), count, code, src, stream)
+
+        self._grouped("scatter", move)
         if self.index == src:
             out.copy_(x[src])
         return out
@@ -325,12 +368,14 @@ class NcclCommunicator:
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x, "all_to_all")
         out = torch.empty_like(x)
-        code = nccl_dtype(x.dtype, False)
-        count, stream = self._count(x[0]), self._stream()
-        with self._group("all_to_all") as comm:
+        code, count = nccl_dtype(x.dtype, False), self._count(x[0])
+
+        def move(comm: Any, stream: int) -> None:
             for peer in range(self.size):
                 comm.send(x[peer].data_ptr(), count, code, peer, stream)
                 comm.recv(out[peer].data_ptr(), count, code, peer, stream)
+
+        self._grouped("all_to_all", move)
         return out
 
     def exchange(
@@ -340,14 +385,16 @@ class NcclCommunicator:
     ) -> None:
         for _, t in (*sends, *recvs):
             self._check(t, "send/recv")
-        stream = self._stream()
-        with self._group("send/recv") as comm:
+
+        def move(comm: Any, stream: int) -> None:
             for peer, t in sends:
-                code = nccl_dtype(t.dtype, False)
-                comm.send(t.data_ptr(), self._count(t), code, peer, stream)
+                comm.send(t.data_ptr(), self._count(t), nccl_dtype(t.dtype, False), peer, stream)
             for peer, buf in recvs:
-                code = nccl_dtype(buf.dtype, False)
-                comm.recv(buf.data_ptr(), self._count(buf), code, peer, stream)
+                comm.recv(
+                    buf.data_ptr(), self._count(buf), nccl_dtype(buf.dtype, False), peer, stream
+                )
+
+        self._grouped("send/recv", move)
 
     def barrier(self) -> None:
         flag = torch.zeros(1, device=self.device)
@@ -372,9 +419,7 @@ class NcclCommunicator:
                 comm.check_async_error()
             except self._nccl.NcclError as error:
                 self.close(abort=True)
-                raise CommunicationError(
-                    f"{what} on {self.label} failed in NCCL: {error}"
-                ) from None
+                raise self._failed(what, error) from None
             if time.monotonic() > deadline:
                 self.close(abort=True)
                 raise CommunicationTimeout(
@@ -385,7 +430,60 @@ class NcclCommunicator:
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
 
+    # ---------------------------------------------------------------- watchdog
+
+    def start_watchdog(self, interval: float = 0.1) -> None:
+        """Poll NCCL's asynchronous error state (``ncclCommGetAsyncError``) every
+        ``interval`` seconds on a daemon thread, as ProcessGroupNCCL's watchdog does: on an
+        error (a peer died, a network failure) abort the communicator, so that the collectives
+        queued behind it return instead of hanging, and the next call raises
+        :class:`~topo.errors.CommunicationError` naming this group and the NCCL error.
+
+        Example::
+
+            comm.start_watchdog(interval=0.05)
+        """
+        if self._watchdog is not None:
+            return
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(interval):
+                comm = self._comm
+                if comm is None:
+                    return
+                try:
+                    comm.check_async_error()
+                except self._nccl.NcclError as error:
+                    self._async_error = (
+                        f"the watchdog found an asynchronous NCCL error on {self.label}, global "
+                        f"ranks {list(self.ranks)}: {error}"
+                    )
+                    self.close(abort=True)
+                    return
+                except Exception:  # a comm torn down under us: nothing left to watch
+                    return
+
+        thread = threading.Thread(
+            target=watch, name=f"topo-nccl-watchdog {self.label}", daemon=True
+        )
+        self._watchdog = (thread, stop)
+        thread.start()
+
+    @property
+    def async_error(self) -> str | None:
+        """What the watchdog found, if it aborted this communicator.
+
+        Example::
+
+            if comm.async_error:
+                log.error(comm.async_error)
+        """
+        return self._async_error
+
     def close(self, abort: bool = False) -> None:
+        if self._watchdog is not None and threading.current_thread() is not self._watchdog[0]:
+            self._watchdog[1].set()
         if self._comm is None:
             return
         if not abort:
@@ -399,3 +497,14 @@ class NcclCommunicator:
                 comm.abort()
             else:
                 comm.destroy()
+
+
+def _current_stream_handle(device_index: int) -> int:
+    return int(torch.cuda.current_stream(device_index).cuda_stream)
+
+
+#: The current stream's raw handle for a device index: torch's private fast path when this
+#: torch has it (no Stream object, no device-index resolution), else the public API.
+_RAW_STREAM: Callable[[int], int] = getattr(
+    torch._C, "_cuda_getCurrentRawStream", _current_stream_handle
+)
