@@ -48,6 +48,11 @@ __all__ = [
 MAX_SECONDS = 30 * 24 * 3600.0
 
 
+def _is_numpy_bool(value: object) -> bool:
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+
+
 def as_int(
     value: object,
     what: str,
@@ -64,7 +69,7 @@ def as_int(
         >>> as_int(2, "DeviceMesh axis 'dp' size", minimum=1)
         2
     """
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or _is_numpy_bool(value):
         raise TopoTypeError(
             f"{what} requires {kind}, but got the bool {value!r}; pass an int like 0 or 1"
         )
@@ -108,7 +113,7 @@ def as_bool(value: object, what: str) -> bool:
     """
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_":
+    if _is_numpy_bool(value):
         return bool(value)
     raise TopoTypeError(
         f"{what} requires True or False, but got {type(value).__name__} {value!r}"
@@ -125,10 +130,13 @@ def as_seconds(value: object, what: str) -> float:
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif isinstance(value, bool) or type(value).__name__ == "bool_":
+    elif isinstance(value, bool) or _is_numpy_bool(value):
         raise TopoTypeError(f"{what} requires a number of seconds, but got the bool {value!r}")
     elif isinstance(value, numbers.Real):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float's range: too long, like inf
+            seconds = math.inf
     else:
         raise TopoTypeError(
             f"{what} requires a number of seconds (int or float) or a timedelta, but got "
