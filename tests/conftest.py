@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -94,6 +94,6 @@ def run_python(
 
 
 @pytest.fixture(scope="session")
-def python_subprocess() -> object:
+def python_subprocess() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`run_python`: ``python_subprocess(code)`` → a ``CompletedProcess`` (text)."""
     return run_python
