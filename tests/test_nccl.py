@@ -123,6 +123,7 @@ def test_graph_capture_without_gpu_is_a_clear_error() -> None:
         pass
 
 
+@pytest.mark.multiprocess
 def test_import_topo_and_cpu_collectives_never_import_cupy() -> None:
     code = (
         "import sys, torch, topo\n"
@@ -303,6 +304,7 @@ def test_nccl_errors_are_wrapped_and_close_is_idempotent(monkeypatch: pytest.Mon
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.multiprocess
 def test_gpu_collectives_match_gloo_on_a_shared_gpu() -> None:
     import _gpu_fns
 
@@ -317,6 +319,7 @@ def test_gpu_collectives_match_gloo_on_a_shared_gpu() -> None:
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.multiprocess
 def test_gpu_streams_graphs_and_several_communicators() -> None:
     import _gpu_fns
 

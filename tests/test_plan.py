@@ -265,6 +265,7 @@ def test_default_intra_node_ignores_missing_tp() -> None:
     assert plan_dict(DeviceMesh(dp=4), ranks_per_node=2)["intra_node"] == []
 
 
+@pytest.mark.multiprocess
 def test_python_m_topo_subprocess() -> None:
     ok = python_m_topo("plan", "dp=2", "tp=2", "--rank", "3")
     assert ok.returncode == 0 and "rank 3: dp=1, tp=1" in ok.stdout
@@ -290,6 +291,7 @@ def test_format_plan_renders_plan_dict() -> None:
     assert plan_text(mesh, 1, 2) == format_plan(plan_dict(mesh, 1, 2))
 
 
+@pytest.mark.multiprocess
 def test_cli_and_plan_do_not_import_torch() -> None:
     code = (
         "import sys, topo; before = 'torch' in sys.modules; import topo.cli, topo.plan; "

@@ -39,6 +39,7 @@ __all__ = ["Axis", "DeviceMesh"]
 MAX_RANKS = 2**31 - 1
 
 #: An axis argument: one axis name, or a tuple of names that vary together as one flattened axis.
+#: Example: ``topo.all_gather(x, axis=("dp", "tp"))`` (``axis: topo.Axis``).
 Axis = str | Sequence[str]
 
 

@@ -1,0 +1,99 @@
+"""Fixtures shared by the test files: spawn timeouts, ports, child-process bookkeeping and a
+helper that runs Python in a fresh interpreter.
+
+Every test that starts processes (``topo.spawn`` or a Python subprocess) carries
+``@pytest.mark.multiprocess``, so ``pytest -m "not multiprocess"`` runs the fast half.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+#: The repository root (what ``PYTHONPATH`` must hold for a subprocess to import topo).
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The bound on one ``topo.spawn`` call in the tests: generous, because the CI machine has two
+#: cores shared with other jobs; a hang still fails in minutes, not at pytest's 600 s timeout.
+SPAWN_TIMEOUT = 120
+
+
+@pytest.fixture(scope="session")
+def spawn_timeout() -> int:
+    """Seconds one ``topo.spawn`` call of a test may take (its ``timeout=``)."""
+    return SPAWN_TIMEOUT
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A loopback port that another socket is listening on for the duration of the test."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        yield holder.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound once by the kernel, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _children() -> set[int]:
+    """Live child processes of this process, from /proc (no psutil); multiprocessing's
+    resource tracker (started by the first spawn, it lives as long as this process) aside."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == me and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def no_leftover_children() -> Iterator[None]:
+    """Fails the test if it leaves a child process of this process behind."""
+    before = _children()
+    yield
+    assert multiprocessing.active_children() == []
+    assert _children() - before == set()  # spawn has joined every rank before it returns
+
+
+def run_python(
+    code: str, *, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports topo from this checkout."""
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=full_env,
+    )
+
+
+@pytest.fixture(scope="session")
+def python_subprocess() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """:func:`run_python`: ``python_subprocess(code)`` → a ``CompletedProcess`` (text)."""
+    return run_python
