@@ -173,3 +173,26 @@ def test_nccl_unique_id_travels_as_raw_bytes() -> None:
     assert [v % 256 for v in back] == [v % 256 for v in uid]
     with pytest.raises(topo.CommunicationError, match="128-byte"):
         decode_unique_id(b"\x80\x03short")
+
+
+def test_activation_reuses_the_store_of_a_users_init_process_group() -> None:
+    """A job that called init_process_group keeps its default group, and topo rendezvouses on
+    that group's store instead of binding MASTER_PORT a second time."""
+    import torch.distributed as dist
+
+    sock = listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    store = torch.distributed.TCPStore("127.0.0.1", port, 1, True, timedelta(seconds=10))
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        world = World(rank=0, world_size=1, master_port=port)
+        with topo.DeviceMesh(tp=1).activate(world, timeout=10) as ctx:
+            assert ctx.coordinator.store.inner is not None
+            assert torch.equal(topo.all_reduce(torch.ones(2), "tp"), torch.ones(2))
+        assert dist.is_initialized()  # the user's group survives
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert t.item() == 1.0
+    finally:
+        dist.destroy_process_group()

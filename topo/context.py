@@ -391,7 +391,9 @@ def activate(
 
     ``world`` defaults to :meth:`World.from_env` (torchrun, Slurm, mpirun). ``timeout`` bounds
     every wait (seconds or timedelta; default 300 s or ``TOPO_TIMEOUT``). ``store`` attaches to
-    an existing ``torch.distributed`` store instead of the world's TCPStore. ``name`` separates
+    an existing ``torch.distributed`` store instead of the world's TCPStore (default: the store
+    of torch's default process group when the user's ``init_process_group`` made one for the
+    same ranks, else the world's TCPStore). ``name`` separates
     concurrent activations of identical meshes on one store. ``device`` is the CUDA device for
     NCCL collectives (default ``cuda:{local_rank}``). ``secret`` (default ``TOPO_SECRET``)
     tags the control messages in the store with an HMAC, refused without it (see
@@ -420,6 +422,8 @@ def activate(
     namespace = (
         f"topo/{name}" if name else "topo/" + ".".join(f"{n}{s}" for n, s in mesh.shape.items())
     )
+    if store is None:
+        store = _torch_default_store(world)
     sealing = load_secret(secret)
     if bind is not None:
         bind = as_host(bind, "activate bind")
@@ -442,6 +446,25 @@ def activate(
     finally:
         _ACTIVE.reset(token)
         ctx.close(abort=failed)
+
+
+def _torch_default_store(world: World) -> dist.Store | None:
+    """The store of torch's default process group, when the user's own
+    ``init_process_group`` already made one for this world: topo then rendezvouses on it
+    (under its own key prefix) instead of hosting a second server on MASTER_PORT."""
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return None
+    if torch_dist.get_world_size() != world.world_size or torch_dist.get_rank() != world.rank:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        default: dist.Store = _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
+    return default
 
 
 def _as_cuda_device(device: torch.device | str | int | None) -> torch.device | None:
