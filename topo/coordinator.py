@@ -40,6 +40,10 @@ __all__ = ["Coordinator"]
 #: waiting read its verdict (which ranks did not arrive) instead of a lost connection.
 LINGER_SECONDS = 5.0
 
+#: What a rank that timed out writes into the keys its peers still wait for, to wake them
+#: (they then read its verdict).
+_WAKE = b"topo:failed"
+
 
 class Coordinator:
     """Rendezvous, barrier, byte broadcast and object all-gather for one activation.
@@ -219,6 +223,10 @@ class Coordinator:
         base = self.key(scope, self._next_round(scope))
         self.store.set(f"{base}/arrived/{self.rank}", b"1")
         if self.store.add(f"{base}/count", 1) == len(members):
+            # Last to arrive — unless the others already gave up on this round (then it must
+            # fail with them, not run on alone).
+            if self.store.check([f"{base}/failed"]):
+                self._follow_verdict(f"{base}/failed", f"barrier {name!r}")
             self.store.set(f"{base}/done", b"1")
         else:
             self._wait([f"{base}/done"], f"barrier {name!r}", members, f"{base}/arrived")
@@ -367,31 +375,28 @@ class Coordinator:
     def _wait(
         self, keys: list[str], what: str, members: Sequence[int], arrived: str | None
     ) -> None:
-        """Wait for ``keys`` at most the timeout, in growing slices; between slices look for a
-        peer's verdict that this round failed (then end at once with that verdict)."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
+        """Wait for ``keys`` at most the timeout. The first rank to time out publishes its
+        verdict (which ranks did not arrive) and sets the awaited keys, so every other waiter
+        wakes at once and ends with that verdict instead of a lost connection."""
         verdict_key = f"{keys[0].rsplit('/', 1)[0]}/failed"
-        pause = 0.05
-        while True:
-            left = deadline - time.monotonic()
-            if left < 0.01:  # a 0 ms wait means "no limit" to the stores: never ask for one
-                break
-            try:
-                self.store.wait(keys, timedelta(seconds=min(pause, left)))
-                return
-            except StoreLostError:
+        try:
+            self.store.wait(keys, self.timeout)
+        except StoreLostError:
+            raise
+        except RuntimeError as error:
+            if _is_connection_loss(error):
                 raise
-            except RuntimeError as error:
-                if _is_connection_loss(error):
-                    raise
+        else:
             if self.store.check([verdict_key]):
                 self._follow_verdict(verdict_key, what)
-            pause = min(pause * 2, 1.0)
+            return
+        if self.store.check([verdict_key]):
+            self._follow_verdict(verdict_key, what)
         missing = list(members)
         if arrived is not None:
             with contextlib.suppress(RuntimeError):  # the store itself may be gone
                 missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
-        self._publish_verdict(verdict_key, missing, len(members) - len(missing))
+        self._publish_verdict(verdict_key, missing, len(members) - len(missing), keys)
         raise RendezvousTimeout(
             f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
             f"rank {self.rank}: rank(s) {_short(missing)} of {_short(list(members))} did not "
@@ -399,12 +404,18 @@ class Coordinator:
             f"the same order, or raise the timeout"
         )
 
-    def _publish_verdict(self, key: str, missing: list[int], arrived: int) -> None:
-        """Tell the ranks still waiting which ranks did not arrive; the store's host then
-        stays up until they have read it (at most :data:`LINGER_SECONDS`)."""
+    def _publish_verdict(
+        self, key: str, missing: list[int], arrived: int, wake: list[str]
+    ) -> None:
+        """Tell the ranks still waiting which ranks did not arrive (and wake them by setting
+        the keys they wait for); the store's host then stays up until they have read it (at
+        most :data:`LINGER_SECONDS`)."""
         with contextlib.suppress(Exception):
             verdict = {"missing": missing, "by": self.rank, "arrived": arrived}
             self.store.set(key, json.dumps(verdict).encode())
+            for awaited in wake:
+                if not self.store.check([awaited]):
+                    self.store.set(awaited, _WAKE)
             self._linger(key, arrived)
 
     def _linger(self, key: str, arrived: int) -> None:
@@ -462,7 +473,7 @@ def _open_generation(
                 f"timeout: rank 0 did not arrive (is it running, with the same mesh and name?)"
             )
         try:
-            store.wait([open_key], timedelta(seconds=min(left, 1.0)))
+            store.wait([open_key], timedelta(seconds=left))
         except StoreLostError:
             raise
         except RuntimeError as error:
