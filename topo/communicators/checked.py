@@ -198,6 +198,7 @@ class CheckChannel:
         self._comm: Communicator | None = None
         self.axis = axis
         self.seq = 0
+        self._p2p_seq: dict[int, int] = {}
 
     @property
     def comm(self) -> Communicator:
@@ -224,6 +225,35 @@ class CheckChannel:
         message = mismatch_message(operation, comm.label, comm.ranks, records)
         if message is not None:
             raise CollectiveMismatchError(f"check mode: {message}")
+
+
+    def check_exchange(
+        self,
+        device_type: str,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> None:
+        """Point-to-point: swap records with each peer only (the rest of the group may not
+        take part), counted per peer; both ends of a mismatched pair raise."""
+        tensors = {peer: t for peer, t in [*reversed(recvs), *reversed(sends)]}
+        if not tensors:
+            return
+        comm = self.comm
+        mine, theirs = [], []
+        for peer in sorted(tensors):
+            seq = self._p2p_seq.get(peer, 0)
+            self._p2p_seq[peer] = seq + 1
+            record = encode(seq, "exchange", self.axis, device_type, tensors[peer])
+            mine.append((peer, record))
+            theirs.append((peer, torch.empty_like(record)))
+        comm.exchange(mine, theirs)
+        for (peer, record), (_, got) in zip(mine, theirs, strict=True):
+            pair = sorted([(comm.index, record), (peer, got)], key=lambda item: item[0])
+            records = [decode(r.tolist(), self.axis) for _, r in pair]
+            ranks = [comm.ranks[i] for i, _ in pair]
+            message = mismatch_message("send/recv", comm.label, ranks, records)
+            if message is not None:
+                raise CollectiveMismatchError(f"check mode: {message}")
 
 
 class CheckedCommunicator:
@@ -290,10 +320,7 @@ class CheckedCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
-        # A sender's tensor and its receiver's buffer must agree; a rank with neither (outside
-        # a ppermute) matches anything.
-        first = next(iter([t for _, t in sends] + [b for _, b in recvs]), None)
-        self._check("exchange", first)
+        self.channel.check_exchange(self.device_type, sends, recvs)
         self.inner.exchange(sends, recvs)
 
     def barrier(self) -> None:

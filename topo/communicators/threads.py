@@ -324,7 +324,7 @@ class ThreadsCommunicator:
             elif not hub.wait_until(
                 lambda: slot.arrived == n,
                 self.timeout.total_seconds(),
-                f"{operation} on {self.label} (rank(s) {self._missing(slot)} not there yet)",
+                f"{operation} on {self.label} (rank(s) {self._missing(slot)} had not arrived)",
             ):
                 raise CommunicationTimeout(
                     f"{operation} on {self.label} timed out after "

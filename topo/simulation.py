@@ -1,5 +1,8 @@
 """``topo.simulate``: every rank of a mesh as a thread of this process, for tests.
 
+(The module is ``topo.simulation``: a module ``topo.simulate`` would shadow the function
+once imported, since importing a submodule sets the attribute of the same name on ``topo``.)
+
 Each rank is a daemon thread with a fresh ``contextvars`` context in which the mesh is active
 (``topo.current()``, ``topo.axis_index``, every collective, send/recv/ppermute/shift, barriers
 and object collectives work as under ``topo.spawn``). The rendezvous store and the tensors move
@@ -32,8 +35,9 @@ __all__ = ["simulate"]
 #: a faithful or fast stand-in for processes.
 MAX_SIMULATED_RANKS = 64
 
-#: How long ``simulate`` waits for the other ranks to notice that one has failed.
-_GRACE_SECONDS = 5.0
+#: How long ``simulate`` waits for the other ranks to notice that one has failed (at most
+#: the timeout): ranks waiting inside topo wake at once, ranks in user code may not.
+_GRACE_SECONDS = 2.0
 
 
 @dataclass
@@ -43,6 +47,8 @@ class _Outcome:
     # rank → (time, error, traceback) for errors of the rank's own (not SimulationAborted)
     failures: dict[int, tuple[float, BaseException, str]] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
+    # what the other ranks were waiting for when the first failure happened
+    waiting: dict[int, str] = field(default_factory=dict)
 
 
 def simulate(
@@ -130,7 +136,7 @@ class _Simulation:
             timed_out = not outcome.failures
             waiting = dict(hub.waiting)
         hub.abort("topo.simulate timed out" if timed_out else "another rank failed")
-        end = time.monotonic() + _GRACE_SECONDS
+        end = time.monotonic() + min(_GRACE_SECONDS, self.timeout)
         for thread in threads:
             thread.join(max(0.0, end - time.monotonic()))
         with hub.cond:
@@ -138,7 +144,7 @@ class _Simulation:
             failures = dict(outcome.failures)
         if timed_out:
             raise self._timeout_error(stuck, waiting)
-        raise self._failure_error(failures, stuck)
+        raise self._failure_error(failures, stuck, outcome.waiting)
 
     def _rank_main(self, rank: int) -> None:
         hub, outcome = self.hub, self.outcome
@@ -157,6 +163,8 @@ class _Simulation:
             with hub.cond:
                 outcome.finished.add(rank)
                 if not isinstance(error, SimulationAborted):
+                    if not outcome.failures:
+                        outcome.waiting = {r: w for r, w in hub.waiting.items() if r != rank}
                     outcome.failures[rank] = (time.monotonic(), error, traceback.format_exc())
                 hub.cond.notify_all()
             if not isinstance(error, SimulationAborted):
@@ -168,7 +176,10 @@ class _Simulation:
             hub.cond.notify_all()
 
     def _failure_error(
-        self, failures: dict[int, tuple[float, BaseException, str]], stuck: list[int]
+        self,
+        failures: dict[int, tuple[float, BaseException, str]],
+        stuck: list[int],
+        waiting: dict[int, str],
     ) -> RankFailedError:
         order = sorted(failures, key=lambda r: (failures[r][0], r))
         first = order[0]
@@ -178,6 +189,9 @@ class _Simulation:
             other = failures[rank][1]
             text = str(other).splitlines()[0] if str(other) else ""
             lines.append(f"then rank {rank} raised {type(other).__name__}: {text}")
+        if waiting:
+            states = "; ".join(f"rank {r} waited for {w}" for r, w in sorted(waiting.items()))
+            lines.append(f"at that moment {states}")
         if stuck:
             lines.append(
                 f"rank(s) {stuck} were still running (in user code) when topo.simulate gave up; "
