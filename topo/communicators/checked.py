@@ -7,8 +7,11 @@ over the group's own CPU communicator, unwrapped (a :class:`CheckChannel`: also 
 groups, so a rank that passes a CPU tensor where the others pass CUDA ones is caught too).
 Every rank sees the same records, so on a mismatch every rank of the group raises
 :class:`topo.CollectiveMismatchError` naming the ranks and the differing fields, instead of
-a crash inside gloo, a hang or silently wrong values. The record's content never depends on
-tensor values, and the check touches no collective: it lives in the communicator layer.
+a crash inside gloo, a hang or silently wrong values. Point-to-point exchanges (send/recv,
+ppermute, shift) swap records with each peer instead, counted per peer, since the rest of the
+group may not take part; both ends of a mismatched pair raise. The record's content never
+depends on tensor values, and the check touches no collective: it lives in the communicator
+layer.
 
 Cost: one extra small all-gather per operation (on CPU, through the group's CPU backend),
 about doubling the latency of small collectives; nothing for large tensors beyond that.
