@@ -158,12 +158,12 @@ class ThreadHub(dist.Store):
         self.waiting[rank] = what
         try:
             while True:
+                if ready():  # first: a wait that is already over is no victim of an abort
+                    return True
                 if self.abort_reason is not None:
                     raise SimulationAborted(
                         f"rank {rank} stopped waiting for {what}: {self.abort_reason}"
                     )
-                if ready():
-                    return True
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
