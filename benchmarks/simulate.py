@@ -6,8 +6,8 @@
    check mode (``TOPO_CHECK=1``), to show what check mode costs;
 3. the hypothesis suite (tests/test_simulate_properties.py): wall time of its pytest run.
 
-Run: ``python benchmarks/simulate.py`` (about a minute on 2 cores; ``--quick`` for fewer
-repeats). Medians over repeats; the spawn side is repeated less because each call takes
+Run: ``python benchmarks/simulate.py`` (about two minutes on 2 busy cores, where each spawn
+of 4 processes takes ~20 s; ``--quick`` for fewer repeats). Medians over repeats; the spawn side is repeated less because each call takes
 seconds.
 """
 

@@ -211,7 +211,8 @@ class NoActiveMeshError(TopoError, RuntimeError):
 
 
 class RankFailedError(TopoError, RuntimeError):
-    """A rank started by :func:`topo.spawn` raised, died or timed out; ``rank`` names it and
+    """A rank started by :func:`topo.spawn` (or :func:`topo.simulate`) raised, died or timed
+    out; ``rank`` names it and
     ``remote_traceback`` carries its traceback.
 
     Example::
