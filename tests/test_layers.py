@@ -39,6 +39,7 @@ FLOORS: dict[str, int] = {
     "topo.transfer": 6,
     "topo.interop": 6,
     "topo.simulate": 6,
+    "topo.simulation": 6,
     "topo.launch": 6,
     "topo.graphs": 6,
     "topo.bench": 7,

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.errors import *  # noqa: F403
     from topo.graphs import *  # noqa: F403
     from topo.launch import *  # noqa: F403
+    from topo.simulation import *  # noqa: F403
     from topo.world import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ _LAZY_MODULES = (
     "topo.errors",
     "topo.world",
     "topo.launch",
+    "topo.simulation",
     "topo.context",
     "topo.coordinator",
     "topo.collectives",

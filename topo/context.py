@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 import topo._dist as dist
-from topo._checks import as_host, as_timedelta
+from topo._checks import as_bool, as_host, as_seconds, as_timedelta
 from topo.communicators.base import Communicator
+from topo.communicators.checked import CheckChannel, CheckedCommunicator
+from topo.communicators.registry import Backend, GroupSpec, describe, resolve_backends
 from topo.coordinator import Coordinator
 from topo.errors import (
     CommunicationError,
@@ -78,6 +80,10 @@ class MeshContext:
         coordinator: Coordinator,
         timeout: timedelta,
         device: torch.device | None,
+        *,
+        backends: Mapping[str, Backend | None] | None = None,
+        check: bool = False,
+        store: dist.Store | None = None,
     ) -> None:
         self.mesh = mesh
         self.world = world
@@ -88,6 +94,14 @@ class MeshContext:
         self._device = device
         self._communicators: dict[tuple[Any, ...], Communicator] = {}
         self._closed = False
+        #: device type → backend (``activate(backends=...)`` over the defaults).
+        self.backends = resolve_backends(None) if backends is None else backends
+        #: check mode: compare every collective's arguments across the group first.
+        self.check = check
+        #: seconds between polls of a backend's asynchronous errors (NCCL), or None: off.
+        self.watchdog: float | None = None
+        self._root_store = coordinator.store if store is None else store
+        self._check_channels: dict[tuple[Any, ...], CheckChannel] = {}
         # axis argument -> (axis names in mesh order, group size); filled lazily.
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()
@@ -183,9 +197,28 @@ class MeshContext:
 
     # -------------------------------------------------------------- communicators
 
+    def backend(self, device_type: str) -> Backend:
+        """The backend this activation uses for tensors of ``device_type``.
+
+        Example::
+
+            ctx.backend("cpu").name   # 'gloo' (or 'threads' under topo.simulate)
+        """
+        backend = self.backends.get(device_type)
+        if backend is None:
+            raise TopoValueError(
+                f"collectives on {device_type!r} tensors require a backend, but this activation "
+                f"of {self.mesh!r} has none for {device_type!r} (it serves "
+                f"{describe(self.backends)}); move the tensor with .cpu(), or map one with "
+                f"activate(backends={{{device_type!r}: ...}}) (topo.simulate runs CPU tensors "
+                f"only: test CUDA code with topo.spawn)"
+            )
+        return backend
+
     def communicator(self, names: tuple[str, ...], device_type: str) -> Communicator:
         """The communicator of this rank's group along ``names`` for ``device_type``
-        (``"cpu"`` → gloo, ``"cuda"`` → NCCL), created on first use by every rank of the group.
+        (the activation's backend for it: by default ``"cpu"`` → gloo, ``"cuda"`` → NCCL),
+        created on first use by every rank of the group.
 
         Example::
 
@@ -219,7 +252,11 @@ class MeshContext:
         return comm
 
     def _create(
-        self, names: tuple[str, ...], device_type: str, pair: tuple[int, int] | None
+        self,
+        names: tuple[str, ...],
+        device_type: str,
+        pair: tuple[int, int] | None,
+        raw: bool = False,
     ) -> Communicator:
         if self._closed:
             raise CommunicationError(
@@ -239,29 +276,42 @@ class MeshContext:
             index = pair.index(index)
             label = f"axis {axis_label!r} pair {ranks}"
             scope = f"{scope}/pair{pair[0]}-{pair[1]}"
-        if device_type == "cpu":
-            from topo.communicators.gloo import GlooCommunicator
-
-            store = dist.PrefixStore(scope, self.coordinator.store)
-            return _with_arrival(
-                store,
-                index,
-                ranks,
-                label,
-                lambda: GlooCommunicator(
-                    store, ranks, index, self.timeout, self.world.is_local, label
-                ),
-            )
-        if device_type == "cuda":
-            from topo.communicators.nccl import NcclCommunicator
-
-            return NcclCommunicator.create(
-                self.coordinator, scope, ranks, index, self.device, label, self.timeout
-            )
-        raise TopoValueError(
-            f"collectives require a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) device, but got "
-            f"device type {device_type!r}; move the tensor with .cpu() or .cuda()"
+        backend = self.backend(device_type)
+        if self.check and not raw:
+            channel = self._check_channel(names, pair)
+            if device_type == "cpu":
+                inner = channel.comm
+            else:
+                inner = self._create(names, device_type, pair, raw=True)
+            return CheckedCommunicator(inner, channel, device_type)
+        store = dist.PrefixStore(scope, self.coordinator.store)
+        group = GroupSpec(
+            backend=backend.name,
+            ranks=ranks,
+            index=index,
+            label=label,
+            store=store,
+            root_store=self._root_store,
+            scope=scope,
+            timeout=self.timeout,
+            device=self.device if device_type == "cuda" else torch.device(device_type),
+            world=self.world,
+            coordinator=self.coordinator,
         )
+        comm = _with_arrival(store, index, ranks, label, lambda: backend.factory(group))
+        start_watchdog = getattr(comm, "start_watchdog", None)  # backends with async errors
+        if self.watchdog is not None and start_watchdog is not None:
+            start_watchdog(self.watchdog)
+        return comm
+
+    def _check_channel(self, names: tuple[str, ...], pair: tuple[int, int] | None) -> CheckChannel:
+        """Check mode: the group's unwrapped CPU communicator that carries the records."""
+        channel = self._check_channels.get((names, pair))
+        if channel is None:
+            axis = names[0] if len(names) == 1 else ",".join(names)
+            channel = CheckChannel(lambda: self._create(names, "cpu", pair, True), axis)
+            self._check_channels[(names, pair)] = channel
+        return channel
 
     def close(self, abort: bool = False) -> None:
         """Destroy the communicators; on a clean exit first wait for every rank and delete
@@ -281,9 +331,13 @@ class MeshContext:
             abort = True  # a peer is gone: never wait on it while closing the communicators
             raise
         finally:
-            for comm in self._communicators.values():
+            # Check mode wraps communicators (and keeps unwrapped CPU ones): close each once.
+            unwrapped = [getattr(c, "inner", c) for c in self._communicators.values()]
+            unwrapped += [ch._comm for ch in self._check_channels.values() if ch._comm]
+            for comm in {id(c): c for c in unwrapped}.values():
                 comm.close(abort=abort)
             self._communicators.clear()
+            self._check_channels.clear()
 
 
 def _with_arrival(
@@ -386,6 +440,9 @@ def activate(
     device: torch.device | str | int | None = None,
     secret: bytes | str | None = None,
     bind: str | None = None,
+    backends: Mapping[str, str | None] | None = None,
+    check: bool | None = None,
+    watchdog: float | bool | None = None,
 ) -> Iterator[MeshContext]:
     """Activate ``mesh`` for this process: join the rendezvous and yield a :class:`MeshContext`.
 
@@ -393,13 +450,21 @@ def activate(
     every wait (seconds or timedelta; default 300 s or ``TOPO_TIMEOUT``). ``store`` attaches to
     an existing ``torch.distributed`` store instead of the world's TCPStore (default: the store
     of torch's default process group when the user's ``init_process_group`` made one for the
-    same ranks, else the world's TCPStore). ``name`` separates
-    concurrent activations of identical meshes on one store. ``device`` is the CUDA device for
-    NCCL collectives (default ``cuda:{local_rank}``). ``secret`` (default ``TOPO_SECRET``)
-    tags the control messages in the store with an HMAC, refused without it (see
-    docs/security.md). ``bind`` is the address rank 0's store listens on: default MASTER_ADDR
+    same ranks, else the world's TCPStore). ``name`` separates concurrent activations of identical meshes on one store. ``device`` is the CUDA device for
+    NCCL collectives (default ``cuda:{local_rank}``). ``backends`` maps device types to
+    registered backend names over the defaults ``{"cpu": "gloo", "cuda": "nccl"}`` (``None``
+    turns a device type off; see ``topo.communicators.register``). ``check=True`` (default:
+    ``TOPO_CHECK=1`` in the environment) compares every collective's operation, shape, dtype,
+    device type, reduce op and root across the group first and raises
+    :class:`topo.CollectiveMismatchError` on every rank on a mismatch (one extra small
+    all-gather per collective). ``secret`` (default ``TOPO_SECRET``) tags the control
+    messages in the store with an HMAC, refused without it (see docs/security.md). ``bind`` is the address rank 0's store listens on: default MASTER_ADDR
     (loopback for a local world); ``"0.0.0.0"`` listens on every interface — anyone who can
     reach the port can then disrupt the job, so use it only on a trusted network.
+    ``watchdog`` (``True`` for every 0.1 s, or seconds) polls NCCL's asynchronous errors on a
+    daemon thread per communicator and aborts the communicator on one, as ProcessGroupNCCL's
+    watchdog does, so the next collective raises :class:`topo.CommunicationError` naming the
+    group instead of hanging.
 
     Example::
 
@@ -419,6 +484,9 @@ def activate(
         )
     wait = _as_timedelta(timeout)
     cuda_device = _as_cuda_device(device)
+    table = resolve_backends(backends)
+    checking = _as_check(check)
+    polling = _as_watchdog(watchdog)
     namespace = (
         f"topo/{name}" if name else "topo/" + ".".join(f"{n}{s}" for n, s in mesh.shape.items())
     )
@@ -437,7 +505,10 @@ def activate(
         bind=bind,
     )
     coordinator.label = repr(mesh)  # later waits name the mesh, not the activation
-    ctx = MeshContext(mesh, world, coordinator, wait, cuda_device)
+    ctx = MeshContext(
+        mesh, world, coordinator, wait, cuda_device, backends=table, check=checking, store=store
+    )
+    ctx.watchdog = polling
     token = _ACTIVE.set((*_ACTIVE.get(), ctx))
     failed = True
     try:
@@ -465,6 +536,28 @@ def _torch_default_store(world: World) -> dist.Store | None:
     except (ImportError, RuntimeError, ValueError):
         return None
     return default
+
+
+def _as_watchdog(watchdog: object) -> float | None:
+    if watchdog is None or watchdog is False:
+        return None
+    if watchdog is True:
+        return 0.1
+    return as_seconds(watchdog, "activate watchdog")
+
+
+def _as_check(check: object) -> bool:
+    if check is not None:
+        return as_bool(check, "activate check")
+    env = os.environ.get("TOPO_CHECK", "").strip().lower()
+    if env in ("", "0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    raise TopoValueError(
+        f"TOPO_CHECK requires 1 or 0 (true/false, yes/no, on/off), but got "
+        f"{os.environ['TOPO_CHECK']!r}; set TOPO_CHECK=1 to turn check mode on"
+    )
 
 
 def _as_cuda_device(device: torch.device | str | int | None) -> torch.device | None:

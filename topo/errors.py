@@ -26,6 +26,7 @@ __all__ = [
     "RankFailedError",
     "RendezvousError",
     "RendezvousTimeout",
+    "SimulationAborted",
     "StoreLostError",
     "TopoError",
     "TopoTypeError",
@@ -210,7 +211,8 @@ class NoActiveMeshError(TopoError, RuntimeError):
 
 
 class RankFailedError(TopoError, RuntimeError):
-    """A rank started by :func:`topo.spawn` raised, died or timed out; ``rank`` names it and
+    """A rank started by :func:`topo.spawn` (or :func:`topo.simulate`) raised, died or timed
+    out; ``rank`` names it and
     ``remote_traceback`` carries its traceback.
 
     Example::
@@ -228,3 +230,18 @@ class RankFailedError(TopoError, RuntimeError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.args[0], self.rank, self.remote_traceback))
+
+
+class SimulationAborted(TopoError):
+    """Another rank of :func:`topo.simulate` failed, so this rank's wait was cut short.
+
+    Deliberately no ``RuntimeError``: it passes through topo's own error translation and
+    ends the rank at once; ``topo.simulate`` reports the rank that failed first, not this one.
+
+    Example::
+
+        try:
+            topo.all_reduce(x, axis="tp")      # inside topo.simulate, while rank 1 crashed
+        except topo.SimulationAborted:
+            raise                              # let simulate report rank 1's error
+    """

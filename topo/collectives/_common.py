@@ -6,8 +6,22 @@ import torch
 
 from topo._checks import as_int
 from topo.communicators.base import REDUCE_OPS, ReduceOp
-from topo.communicators.dtypes import BACKENDS, REDUCE_DTYPES, dtype_names
+from topo.communicators.dtypes import dtype_names
+from topo.communicators.registry import (
+    DEFAULT_BACKENDS,
+    Backend,
+    get_backend,
+    registered_backends,
+)
 from topo.errors import TopoTypeError, TopoValueError
+
+
+def _default_backend(device: str) -> Backend | None:
+    """The backend a device type gets by default (the registry's table decides)."""
+    name = DEFAULT_BACKENDS.get(device)
+    if name is not None:
+        return get_backend(name)
+    return next((b for b in registered_backends().values() if b.device_type == device), None)
 
 
 def device_type(x: object, operation: str, name: str = "x") -> str:
@@ -24,10 +38,12 @@ def device_type(x: object, operation: str, name: str = "x") -> str:
     if x.is_cuda:
         return "cuda"
     device: str = x.device.type
-    if device not in BACKENDS:
+    if _default_backend(device) is None:
+        served = sorted({b.device_type for b in registered_backends().values()})
+        valid = " or ".join(f"{d!r} ({_default_backend(d).display_name})" for d in served)  # type: ignore[union-attr]
         raise TopoValueError(
-            f"topo.{operation} {name} requires a tensor on a 'cpu' (gloo) or 'cuda' (NCCL) "
-            f"device, but got {x.device}; move it with .cpu() or .cuda()"
+            f"topo.{operation} {name} requires a tensor on a {valid} device (those with a "
+            f"registered backend), but got {x.device}; move it with .cpu() or .cuda()"
         )
     return device
 
@@ -56,21 +72,21 @@ def check_tensor(x: object, operation: str, name: str = "x") -> torch.Tensor:
 
 
 def check_reduce(
-    x: torch.Tensor, op: object, operation: str, device: str | None = None
+    x: torch.Tensor, op: object, operation: str, device: str | Backend | None = None
 ) -> ReduceOp:
-    """Validate ``op`` and that ``x``'s dtype can be reduced on its device."""
+    """Validate ``op`` and that ``x``'s dtype can be reduced by ``device`` (the backend that
+    will run it, or a device type: then its default backend)."""
     if op not in REDUCE_OPS:
         raise TopoValueError(
             f"topo.{operation} op requires one of {', '.join(map(repr, REDUCE_OPS))}, but got "
             f"{op!r}"
         )
-    if device is None:
-        device = x.device.type
-    if x.dtype not in REDUCE_DTYPES[device]:
-        valid = dtype_names(REDUCE_DTYPES[device])
+    backend = device if isinstance(device, Backend) else _default_backend(device or x.device.type)
+    if backend is not None and x.dtype not in backend.reduce_dtypes:
+        valid = dtype_names(backend.reduce_dtypes)
         raise TopoTypeError(
-            f"topo.{operation} x requires a dtype {BACKENDS[device]} can reduce ({valid}), but "
-            f"got {x.dtype}; cast it first (e.g. x.float())"
+            f"topo.{operation} x requires a dtype {backend.display_name} can reduce ({valid}), "
+            f"but got {x.dtype}; cast it first (e.g. x.float())"
         )
     if op == "avg" and not x.dtype.is_floating_point:
         raise TopoTypeError(

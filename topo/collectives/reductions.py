@@ -30,7 +30,7 @@ def all_reduce(x: torch.Tensor, axis: Axis, op: ReduceOp = "sum") -> torch.Tenso
     """
     ctx, names, n = find_context(axis, "all_reduce")
     device = device_type(x, "all_reduce")
-    check_reduce(x, op, "all_reduce", device)
+    check_reduce(x, op, "all_reduce", ctx.backend(device))
     if n == 1:
         return x.clone()
     comm = ctx.communicator(names, device)
@@ -51,7 +51,7 @@ def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, op: ReduceOp = "su
     """
     ctx, names, n = find_context(axis, "reduce_scatter")
     device = device_type(x, "reduce_scatter")
-    check_reduce(x, op, "reduce_scatter", device)
+    check_reduce(x, op, "reduce_scatter", ctx.backend(device))
     d = check_dim(x, dim, "reduce_scatter")
     stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
     if n == 1:

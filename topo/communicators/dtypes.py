@@ -1,14 +1,15 @@
-"""What each backend can reduce, as plain data: dtypes per device kind, reduce ops for torch.
+"""What gloo and NCCL can reduce, as plain data, and topo's reduce ops as torch's.
 
-No communicator is imported here (nor cupy): the collectives check their arguments against
-these tables without loading gloo or NCCL code, and the gloo communicator and ``topo bench``
-read the same tables.
+No communicator is imported here (nor cupy): the backend registry declares what each backend
+reduces from these tables without loading gloo or NCCL code, and the gloo communicator and
+``topo bench`` read the same tables. Which backend serves which device is the registry's
+choice (``topo/communicators/registry.py``), not a table here.
 
 Example::
 
     >>> import torch
-    >>> torch.bfloat16 in REDUCE_DTYPES["cpu"], BACKENDS["cuda"]
-    (True, 'NCCL')
+    >>> torch.bfloat16 in GLOO_REDUCE_DTYPES, torch.float8_e4m3fn in NCCL_REDUCE_DTYPES
+    (True, False)
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ import topo._dist as dist
 from topo.communicators.nccl_types import NCCL_REDUCE_DTYPES
 
 __all__ = [
-    "BACKENDS",
     "GLOO_REDUCE_DTYPES",
     "NCCL_REDUCE_DTYPES",
-    "REDUCE_DTYPES",
     "TORCH_REDUCE_OPS",
     "dtype_names",
 ]
@@ -44,14 +43,6 @@ GLOO_REDUCE_DTYPES = frozenset(
         torch.int64,
     }
 )
-
-#: Device kind → the dtypes its backend can reduce.
-REDUCE_DTYPES: Mapping[str, frozenset[torch.dtype]] = MappingProxyType(
-    {"cpu": GLOO_REDUCE_DTYPES, "cuda": NCCL_REDUCE_DTYPES}
-)
-
-#: Device kind → the name of the backend that serves it, for messages.
-BACKENDS: Mapping[str, str] = MappingProxyType({"cpu": "gloo", "cuda": "NCCL"})
 
 #: topo reduce op → torch ReduceOp (gloo has no AVG: "avg" sums, then divides).
 TORCH_REDUCE_OPS: Mapping[str, Any] = MappingProxyType(
