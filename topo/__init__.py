@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.coordinator import *  # noqa: F403
     from topo.errors import *  # noqa: F403
     from topo.graphs import *  # noqa: F403
+    from topo.interop import *  # noqa: F403
     from topo.launch import *  # noqa: F403
     from topo.world import *  # noqa: F403
 
@@ -48,6 +49,7 @@ _LAZY_MODULES = (
     "topo.coordinator",
     "topo.collectives",
     "topo.graphs",
+    "topo.interop",
 )
 _EAGER_MODULES = ("topo.mesh",)
 

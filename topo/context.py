@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -81,6 +81,9 @@ class MeshContext:
         self._device = device
         self._communicators: dict[tuple[Any, ...], Communicator] = {}
         self._closed = False
+        # Per-activation state of higher floors (interop) and their teardown, run at close.
+        self._extensions: dict[str, Any] = {}
+        self._on_close: list[Callable[[bool], None]] = []
         # axis argument -> (axis names in mesh order, group size); filled lazily.
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()
@@ -274,9 +277,38 @@ class MeshContext:
             abort = True  # a peer is gone: never wait on it while closing the communicators
             raise
         finally:
+            for callback in reversed(self._on_close):
+                callback(abort)
+            self._on_close.clear()
             for comm in self._communicators.values():
                 comm.close(abort=abort)
             self._communicators.clear()
+
+    # ------------------------------------------------- torch interop (topo/interop.py)
+
+    def torch_group(self, axis: Axis, *, device_type: str | None = None) -> Any:
+        """This rank's group along ``axis`` as a ``torch.distributed.ProcessGroup``; see
+        :func:`topo.torch_group` (interop is imported here, not at module level: floor 6).
+
+        Example::
+
+            torch.distributed.all_reduce(t, group=ctx.torch_group("tp"))
+        """
+        from topo.interop import torch_group
+
+        return torch_group(axis, device_type=device_type, ctx=self)
+
+    def torch_mesh(self, axes: Any = None, *, device_type: str | None = None) -> Any:
+        """This mesh as a ``torch.distributed.device_mesh.DeviceMesh`` with topo's axis
+        names; see :func:`topo.torch_mesh`.
+
+        Example::
+
+            fully_shard(model, mesh=ctx.torch_mesh()["dp"])
+        """
+        from topo.interop import torch_mesh
+
+        return torch_mesh(axes, device_type=device_type, ctx=self)
 
 
 def _with_arrival(

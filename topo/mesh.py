@@ -653,6 +653,69 @@ class DeviceMesh:
 
         return activate(self, world, timeout=timeout, **options)
 
+    @classmethod
+    def from_torch(cls, torch_mesh: Any) -> DeviceMesh:
+        """The topo spec equal to a ``torch.distributed.device_mesh.DeviceMesh``: its
+        ``mesh_dim_names`` become axis names, ordered so that topo's row-major rank layout gives
+        every rank the same coordinates (duck-typed: reads ``mesh.tolist()`` and
+        ``mesh_dim_names``; no torch import here).
+
+        Example::
+
+            tm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+            DeviceMesh.from_torch(tm)   # DeviceMesh(dp=2, tp=2)
+        """
+        try:
+            layout = torch_mesh.mesh.tolist()
+        except AttributeError:
+            raise TopoTypeError(
+                f"DeviceMesh.from_torch requires a torch.distributed.device_mesh.DeviceMesh, "
+                f"but got {type(torch_mesh).__name__}"
+            ) from None
+        names = getattr(torch_mesh, "mesh_dim_names", None)
+        sizes: list[int] = []
+        level = layout
+        while isinstance(level, list):
+            sizes.append(len(level))
+            level = level[0] if level else None
+        if not names or len(names) != len(sizes):
+            raise TopoValueError(
+                f"DeviceMesh.from_torch requires a torch mesh with mesh_dim_names (topo axes "
+                f"have names), but got mesh_dim_names={names!r} for a mesh of shape "
+                f"{tuple(sizes)}; create it with mesh_dim_names=(...)"
+            )
+        flat: list[int] = layout
+        for _ in sizes[1:]:
+            flat = [r for row in flat for r in row]  # type: ignore[attr-defined]
+        if sorted(flat) != list(range(len(flat))):
+            raise TopoValueError(
+                f"DeviceMesh.from_torch requires a torch mesh over global ranks 0..{len(flat) - 1}"
+                f", but {tuple(names)} holds ranks {sorted(flat)[:8]}{'...' if len(flat) > 8 else ''}"
+                f"; a topo mesh spans its whole world: pass the root mesh, not a slice of it"
+            )
+        natural = [math.prod(sizes[d + 1 :]) for d in range(len(sizes))]
+        strides = [
+            flat[natural[d]] if sizes[d] > 1 else 0 for d in range(len(sizes))
+        ]  # rank one step along dimension d from the origin (the origin is rank 0 if valid)
+        order = sorted(range(len(sizes)), key=lambda d: -strides[d] if sizes[d] > 1 else -natural[d])
+        expected = [math.prod(sizes[e] for e in order[k + 1 :]) for k in range(len(order))]
+        ok = flat[0] == 0 and all(
+            sizes[d] == 1 or strides[d] == expected[k] for k, d in enumerate(order)
+        )
+        if ok:
+            for i, rank in enumerate(flat):
+                index = [(i // natural[d]) % sizes[d] for d in range(len(sizes))]
+                if rank != sum(index[d] * strides[d] for d in range(len(sizes))):
+                    ok = False
+                    break
+        if not ok:
+            raise TopoValueError(
+                f"DeviceMesh.from_torch requires a layout topo can express: ranks row-major over "
+                f"some order of the axes (rank = sum of coord * stride, the last axis fastest), "
+                f"but the torch mesh {tuple(names)} is {layout}, which no order of its axes gives"
+            )
+        return cls.from_shape([sizes[d] for d in order], [names[d] for d in order])
+
 
 def parse_mesh(spec: str | Iterable[str]) -> DeviceMesh:
     """Parse ``"dp=2,pp=2,tp=2"`` (or the words ``["dp=2", "pp=2", "tp=2"]``) into a mesh.
