@@ -151,7 +151,9 @@ def _user_default(world: topo.World, shuffled: bool) -> dict[str, Any]:
     user = c10d._world.default_pg
     out: dict[str, Any] = {}
     name = f"interop-user-{shuffled}"
-    with DeviceMesh(dp=2, tp=2).activate(world, name=name, timeout=WAIT) as ctx:
+    # Without shuffling, topo rendezvouses through the user's store (no second TCPStore).
+    reuse = {} if shuffled else {"store": topo.torch_store()}
+    with DeviceMesh(dp=2, tp=2).activate(world, name=name, timeout=WAIT, **reuse) as ctx:
         pg = ctx.torch_group("tp")
         out["tp_rank"] = dist.get_rank(pg)
         out["ranks"] = dist.get_process_group_ranks(pg)
