@@ -28,7 +28,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as tdist
@@ -158,8 +158,7 @@ def _state(ctx: MeshContext, operation: str) -> _TorchState:
         state = _TorchState(ctx)
         ctx._extensions["torch"] = state
         ctx._on_close.append(state.close)
-    assert isinstance(state, _TorchState)
-    return state
+    return cast(_TorchState, state)
 
 
 class _TorchState:
@@ -228,7 +227,7 @@ class _TorchState:
                 f"names (or tuples of names); got {type(axes).__name__} {axes!r}; valid axes are "
                 f"{', '.join(map(repr, mesh.axis_names))}"
             )
-        dims = tuple(self.ctx.resolve(a if isinstance(a, str) else tuple(a))[0] for a in axes)
+        dims = tuple(self.ctx.resolve(tuple(a) if isinstance(a, list) else a)[0] for a in axes)
         flat = [name for names in dims for name in names]
         if len(flat) != len(set(flat)):
             raise TopoValueError(
