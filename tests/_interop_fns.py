@@ -48,12 +48,15 @@ def _resolvable(name: str) -> bool:
 
 
 def _groups(ctx: topo.MeshContext) -> dict[str, Any]:
-    """torch collectives, rank queries and functional collectives over each topo axis."""
+    """torch collectives, rank queries and functional collectives over each topo axis, through
+    the gloo group and (``wrapper:`` keys) through the CUDA wrapper group with CPU tensors,
+    which it forwards to topo's gloo communicator."""
     out: dict[str, Any] = {}
     x = rank_input(ctx.rank)
-    for axis in AXES:
-        pg = ctx.torch_group(axis)
+    for axis, device_type in [(a, "cpu") for a in AXES] + [(a, "cuda") for a in AXES[1:]]:
+        pg = ctx.torch_group(axis, device_type=device_type)
         key = axis if isinstance(axis, str) else ".".join(axis)
+        key = key if device_type == "cpu" else f"wrapper:{key}"
         reduced = x.clone()
         dist.all_reduce(reduced, group=pg)
         maxed = x.clone()
@@ -64,8 +67,14 @@ def _groups(ctx: topo.MeshContext) -> dict[str, Any]:
         dist.reduce_scatter_tensor(scattered, x, group=pg)
         broadcast = x.clone()
         dist.broadcast(broadcast, src=dist.get_global_rank(pg, pg.size() - 1), group=pg)
+        a2a = torch.empty(4, 2)
+        dist.all_to_all_single(a2a, x, group=pg)
+        listed = [torch.empty(4, 2) for _ in range(pg.size())]
+        dist.all_gather(listed, x, group=pg)
         out[key] = {
-            "same": topo.torch_group(axis) is pg,
+            "same": topo.torch_group(axis, device_type=device_type) is pg,
+            "all_to_all": a2a,
+            "all_gather_list": torch.cat(listed),
             "rank": dist.get_rank(pg),
             "size": dist.get_world_size(pg),
             "ranks": dist.get_process_group_ranks(pg),

@@ -47,21 +47,26 @@ def _key(axis: Any) -> str:
 
 @pytest.mark.multiprocess
 def test_groups_match_references(reports: list[dict[str, Any]]) -> None:
+    cases = [(axis, _key(axis)) for axis in fns.AXES]
+    cases += [(axis, f"wrapper:{_key(axis)}") for axis in fns.AXES[1:]]
     for rank, report in enumerate(reports):
-        for axis in fns.AXES:
-            got = report["groups"][_key(axis)]
+        for axis, key in cases:
+            got = report["groups"][key]
             group = MESH.group(axis, rank)
             index = MESH.axis_index(axis, rank)
             inputs = [fns.rank_input(r) for r in group]
             total = torch.stack(inputs).sum(0)
             rows = 4 // len(group)
-            assert got["same"] and got["backend"] == "gloo"
+            assert got["same"] and got["backend"] == ("gloo" if ":" not in key else "topo")
             assert (got["rank"], got["size"], got["ranks"]) == (index, len(group), list(group))
             assert torch.equal(got["all_reduce"], total)
             assert torch.equal(got["max"], torch.stack(inputs).amax(0))
             assert torch.equal(got["all_gather"], torch.cat(inputs))
             assert torch.equal(got["reduce_scatter"], total[index * rows : (index + 1) * rows])
             assert torch.equal(got["broadcast"], inputs[-1])
+            chunk = slice(index * rows, (index + 1) * rows)
+            assert torch.equal(got["all_to_all"], torch.cat([i[chunk] for i in inputs]))
+            assert torch.equal(got["all_gather_list"], torch.cat(inputs))
             assert torch.equal(got["f_all_reduce"], total)
             assert torch.equal(got["f_by_name"], total)
             assert torch.equal(got["f_all_gather"], torch.cat(inputs))
@@ -230,6 +235,11 @@ def test_cuda_wrapper_plumbing_with_fake_cupy(monkeypatch: pytest.MonkeyPatch) -
         assert torch.equal(rs, t) and calls.calls[-1][0] == "reduceScatter"
         dist.broadcast(t, src=0, group=pg)
         assert calls.calls[-1][0] == "broadcast"
+        listed = [torch.empty(4)]
+        dist.all_gather(listed, t, group=pg)
+        assert torch.equal(listed[0], t) and calls.calls[-1][0] == "allGather"
+        dist.reduce_scatter(rs, [t], group=pg)
+        assert torch.equal(rs, t) and calls.calls[-1][0] == "reduceScatter"
         a2a = torch.empty(4)
         dist.all_to_all_single(a2a, t, group=pg)
         assert torch.equal(a2a, t) and [c[0] for c in calls.calls[-2:]] == ["send", "recv"]
