@@ -187,7 +187,7 @@ def _timeout() -> Any:
 
 def interop_main() -> dict[str, Any]:
     """Everything over one 2×2 spawn: registrations first (they need a clean process), then
-    the spawn's own activation's groups, mesh and DTensor."""
+    the spawn's own activation's groups, mesh, DTensor and the FSDP2 + TP example's step."""
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     ctx = topo.current()
     out: dict[str, Any] = {"rank": ctx.rank}
@@ -196,4 +196,7 @@ def interop_main() -> dict[str, Any]:
     out["user_shuffled"] = _user_default(ctx.world, shuffled=True)
     out["groups"] = _groups(ctx)
     out["mesh"] = _mesh(ctx)
+    import fsdp2_tp  # examples/, on sys.path in the parent and so here
+
+    out["fsdp2_tp"] = fsdp2_tp.train_step()  # FSDP2 over dp + TP over tp on this activation
     return out

@@ -37,7 +37,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.fixture(scope="module")
 def reports() -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = topo.spawn(fns.interop_main, MESH, timeout=SPAWN_TIMEOUT)
+    sys.path.insert(0, str(EXAMPLES))  # the spawned ranks inherit sys.path
+    try:
+        results: list[dict[str, Any]] = topo.spawn(fns.interop_main, MESH, timeout=SPAWN_TIMEOUT)
+    finally:
+        sys.path.remove(str(EXAMPLES))
     return results
 
 
@@ -127,16 +131,16 @@ def test_user_default_group_survives(reports: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.multiprocess
-def test_fsdp2_tp_example_equals_single_process() -> None:
-    sys.path.insert(0, str(EXAMPLES))  # the spawned ranks inherit sys.path
+def test_fsdp2_tp_example_equals_single_process(reports: list[dict[str, Any]]) -> None:
+    sys.path.insert(0, str(EXAMPLES))
     try:
         import fsdp2_tp
 
-        results = topo.spawn(fsdp2_tp.train_step, fsdp2_tp.MESH, timeout=SPAWN_TIMEOUT)
         ref = fsdp2_tp.reference()
     finally:
         sys.path.remove(str(EXAMPLES))
-    for result in results:
+    for report in reports:
+        result = report["fsdp2_tp"]
         assert abs(result["loss"] - ref["loss"]) < 1e-5
         assert result["params"].keys() == ref["params"].keys()
         for name, param in ref["params"].items():
