@@ -369,8 +369,8 @@ def _device_mesh(groups: list[Any], device_type: str, ranks: torch.Tensor, names
             f"(torch >= 2.4), but this torch {torch.__version__} has none; upgrade torch or use "
             f"topo.torch_group for plain ProcessGroups"
         )
-    if len(groups) == 1:
-        return from_group(groups[0], device_type, mesh=ranks, mesh_dim_names=names)
+    if len(groups) == 1:  # the ranks come from the group itself (every torch version)
+        return from_group(groups[0], device_type, mesh_dim_names=names)
     return from_group(groups, device_type, mesh=ranks, mesh_dim_names=names)
 
 
