@@ -254,3 +254,25 @@ def test_cuda_wrapper_plumbing_with_fake_cupy(monkeypatch: pytest.MonkeyPatch) -
     finally:
         _unregister(pg)
     assert not c10d._world.pg_names
+
+
+def test_torch_mesh_layout_matches_topo_groups() -> None:
+    """The rank layout torch_mesh hands torch: other axes at this rank's coordinates, and
+    along each dimension exactly topo's group (pure; no processes)."""
+    import itertools
+    from types import SimpleNamespace
+
+    from topo.interop import _rank_at
+
+    mesh = DeviceMesh(dp=2, pp=2, tp=2)
+    for dims in [(("dp",), ("tp",)), (("tp",), ("dp",)), (("dp", "tp"),), (("pp",), ("dp", "tp"))]:
+        for rank in range(mesh.size):
+            ctx: Any = SimpleNamespace(mesh=mesh, coords=mesh.coords(rank))
+            sizes = [mesh.axis_size(names) for names in dims]
+            at = {i: _rank_at(ctx, dims, i) for i in itertools.product(*map(range, sizes))}
+            mine = next(i for i, r in at.items() if r == rank)
+            for d, names in enumerate(dims):
+                line = [at[(*mine[:d], k, *mine[d + 1 :])] for k in range(sizes[d])]
+                assert tuple(line) == mesh.group(names, rank), (dims, rank, names)
+    ctx = SimpleNamespace(mesh=mesh, coords=mesh.coords(5))
+    assert [_rank_at(ctx, (("dp",), ("tp",)), (i, j)) for i in (0, 1) for j in (0, 1)] == [0, 1, 4, 5]
