@@ -61,6 +61,28 @@ def compare() -> dict[str, dict[str, list[float]]]:
         dist.destroy_process_group()
 
 
+def dispatch(calls: int = 20000) -> tuple[float, float]:
+    """Median seconds of a 4-byte ``dist.all_reduce`` through a one-rank topo group and a
+    one-rank torch gloo group in this process: what each call costs besides the network, with
+    little scheduling noise."""
+    world = topo.World(rank=0, world_size=1, master_port=0)
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=dist.PrefixStore("torch", store), rank=0, world_size=1)
+    try:
+        with topo.DeviceMesh(a=1).activate(world, store=store, timeout=60) as ctx:
+            groups = {"topo": ctx.torch_group("a"), "torch": dist.group.WORLD}
+            x = torch.ones(1)
+            times: dict[str, list[float]] = {"topo": [], "torch": []}
+            for i in range(calls):
+                for name in ("topo", "torch") if i % 2 == 0 else ("torch", "topo"):
+                    start = time.perf_counter()
+                    dist.all_reduce(x, group=groups[name])
+                    times[name].append(time.perf_counter() - start)
+        return statistics.median(times["topo"]), statistics.median(times["torch"])
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     results: list[Any] = topo.spawn(compare, MESH, timeout=600)
     print(f"dist.all_reduce over {MESH} (4 ranks, gloo on CPU), torch {torch.__version__}")
@@ -76,6 +98,9 @@ def main() -> None:
             f"{case:>8} {t * scale:>9.1f} {unit} {w * scale:>9.1f} {unit} {t / w:>7.3f} "
             f"{q[0]:>9.3f} .. {q[2]:.3f}"
         )
+    t, w = dispatch()
+    print("one rank, this process (per-call cost without the network), 4 B:")
+    print(f"{'4 B':>8} {t * 1e6:>9.1f} us {w * 1e6:>9.1f} us {t / w:>7.3f}")
 
 if __name__ == "__main__":
     main()

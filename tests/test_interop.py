@@ -163,6 +163,8 @@ def test_single_rank_group_registered_then_gone(ctx: MeshContext) -> None:
     dist.all_reduce(t, group=pg)
     assert t.tolist() == [0.0, 1.0, 2.0] and dist.get_rank(pg) == 0
     assert c10d._resolve_process_group(pg.group_name) is pg
+    # no wrapper on the CPU path: torch calls topo's own gloo process group
+    assert pg._get_backend(torch.device("cpu")) is ctx.communicator(("tp",), "cpu").pg  # type: ignore[attr-defined]
     assert funcol.all_reduce(t, "sum", pg).wait().tolist() == [0.0, 1.0, 2.0]
     mesh = ctx.torch_mesh(device_type="cpu")
     assert mesh.mesh_dim_names == ("dp", "tp")
