@@ -28,10 +28,12 @@ FLOORS: dict[str, int] = {
     "topo._dist": 1,
     "topo.mesh": 2,
     "topo.placement": 2,
+    "topo.rank_layout": 2,
     "topo.coordinator": 2,
     "topo.store": 2,
     "topo.communicators": 3,
     "topo.context": 4,
+    "topo._options": 4,
     "topo.collectives": 5,
     "topo.ops": 5,
     "topo.autograd": 6,
@@ -48,12 +50,16 @@ FLOORS: dict[str, int] = {
 }
 TOP = ("topo", "topo.__main__")
 
-#: The one upward import: ``DeviceMesh.activate`` is a one-line delegate to
+#: The upward imports, each a one-line delegate imported inside its method: ``DeviceMesh.activate`` to
 #: ``topo.context.activate`` (imported inside the method), and its return annotation names
 #: ``MeshContext`` (imported for type checkers only).
 ALLOWED_UPWARD = {
     ("topo.mesh", "topo.context", "DeviceMesh.activate"),
     ("topo.mesh", "topo.context", "if TYPE_CHECKING"),
+    # ctx.torch_group / ctx.torch_mesh: one-line delegates to topo.interop (floor 6), imported
+    # inside the method as DeviceMesh.activate is, so torch interop loads only when asked for.
+    ("topo.context", "topo.interop", "MeshContext.torch_group"),
+    ("topo.context", "topo.interop", "MeshContext.torch_mesh"),
 }
 
 MAX_LINES = 600

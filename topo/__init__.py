@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.coordinator import *  # noqa: F403
     from topo.errors import *  # noqa: F403
     from topo.graphs import *  # noqa: F403
+    from topo.interop import *  # noqa: F403
     from topo.launch import *  # noqa: F403
     from topo.simulation import *  # noqa: F403
     from topo.world import *  # noqa: F403
@@ -51,6 +52,7 @@ _LAZY_MODULES = (
     "topo.coordinator",
     "topo.collectives",
     "topo.graphs",
+    "topo.interop",
 )
 _EAGER_MODULES = ("topo.mesh", "topo.placement")
 

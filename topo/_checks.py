@@ -24,9 +24,11 @@ Example::
 
 from __future__ import annotations
 
+import keyword
 import math
 import numbers
 import operator
+import unicodedata
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -34,6 +36,7 @@ from topo.errors import TopoTypeError, TopoValueError
 
 __all__ = [
     "MAX_SECONDS",
+    "as_axis_name",
     "as_bool",
     "as_host",
     "as_int",
@@ -159,6 +162,30 @@ def as_timedelta(value: object, what: str) -> timedelta:
         datetime.timedelta(seconds=90)
     """
     return timedelta(seconds=as_seconds(value, what))
+
+
+def as_axis_name(value: object, what: str) -> str:
+    """An axis name: a ``str`` identifier, NFKC-normal, not a Python keyword.
+
+    Example::
+
+        >>> as_axis_name("tp", "DeviceMesh axis name")
+        'tp'
+    """
+    if not isinstance(value, str):
+        raise TopoTypeError(
+            f"{what} requires a str axis name, but got {type(value).__name__} {value!r}"
+        )
+    if (
+        not value.isidentifier()
+        or keyword.iskeyword(value)
+        or unicodedata.normalize("NFKC", value) != value
+    ):
+        raise TopoValueError(
+            f"{what} requires an identifier (like 'dp' or 'tp'; NFKC-normal, not a Python "
+            f"keyword), but got {value!r}"
+        )
+    return value
 
 
 def as_host(value: object, what: str) -> str:

@@ -10,8 +10,7 @@ each thread has its own, and leaving the block destroys the context's communicat
 from __future__ import annotations
 
 import contextvars
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -19,7 +18,15 @@ from typing import Any
 import torch
 
 import topo._dist as dist
-from topo._checks import as_bool, as_host, as_seconds, as_timedelta
+from topo._checks import as_host
+from topo._options import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # the default, re-exported
+from topo._options import (
+    _as_check,
+    _as_cuda_device,
+    _as_timedelta,
+    _as_watchdog,
+    _torch_default_store,
+)
 from topo.communicators.base import Communicator
 from topo.communicators.checked import CheckChannel, CheckedCommunicator
 from topo.communicators.registry import Backend, GroupSpec, describe, resolve_backends
@@ -37,28 +44,10 @@ from topo.world import World
 
 __all__ = ["MeshContext", "activate", "active_contexts", "current"]
 
-#: Default bound on every wait of an activation (TOPO_TIMEOUT overrides, in seconds).
-DEFAULT_TIMEOUT = timedelta(seconds=300)
 
 _ACTIVE: contextvars.ContextVar[tuple[MeshContext, ...]] = contextvars.ContextVar(
     "topo_active_meshes", default=()
 )
-
-
-def _as_timedelta(timeout: object) -> timedelta:
-    if timeout is not None:
-        return as_timedelta(timeout, "activate timeout")
-    env = os.environ.get("TOPO_TIMEOUT")
-    if not env:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(env)
-    except ValueError:
-        raise TopoValueError(
-            f"TOPO_TIMEOUT requires a number of seconds, but got {env!r}; set it like "
-            f"TOPO_TIMEOUT=300 or unset it"
-        ) from None
-    return as_timedelta(seconds, "TOPO_TIMEOUT")
 
 
 class MeshContext:
@@ -102,6 +91,9 @@ class MeshContext:
         self.watchdog: float | None = None
         self._root_store = coordinator.store if store is None else store
         self._check_channels: dict[tuple[Any, ...], CheckChannel] = {}
+        # Per-activation state of higher floors (interop) and their teardown, run at close.
+        self._extensions: dict[str, Any] = {}
+        self._on_close: list[Callable[[bool], None]] = []
         # axis argument -> (axis names in mesh order, group size); filled lazily.
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()
@@ -331,6 +323,9 @@ class MeshContext:
             abort = True  # a peer is gone: never wait on it while closing the communicators
             raise
         finally:
+            for callback in reversed(self._on_close):
+                callback(abort)
+            self._on_close.clear()
             # Check mode wraps communicators (and keeps unwrapped CPU ones): close each once.
             unwrapped = [getattr(c, "inner", c) for c in self._communicators.values()]
             unwrapped += [ch._comm for ch in self._check_channels.values() if ch._comm]
@@ -338,6 +333,32 @@ class MeshContext:
                 comm.close(abort=abort)
             self._communicators.clear()
             self._check_channels.clear()
+
+    # ------------------------------------------------- torch interop (topo/interop.py)
+
+    def torch_group(self, axis: Axis, *, device_type: str | None = None) -> Any:
+        """This rank's group along ``axis`` as a ``torch.distributed.ProcessGroup``; see
+        :func:`topo.torch_group` (interop is imported here, not at module level: floor 6).
+
+        Example::
+
+            torch.distributed.all_reduce(t, group=ctx.torch_group("tp"))
+        """
+        from topo.interop import torch_group
+
+        return torch_group(axis, device_type=device_type, ctx=self)
+
+    def torch_mesh(self, axes: Any = None, *, device_type: str | None = None) -> Any:
+        """This mesh as a ``torch.distributed.device_mesh.DeviceMesh`` with topo's axis
+        names; see :func:`topo.torch_mesh`.
+
+        Example::
+
+            fully_shard(model, mesh=ctx.torch_mesh()["dp"])
+        """
+        from topo.interop import torch_mesh
+
+        return torch_mesh(axes, device_type=device_type, ctx=self)
 
 
 def _with_arrival(
@@ -517,61 +538,3 @@ def activate(
     finally:
         _ACTIVE.reset(token)
         ctx.close(abort=failed)
-
-
-def _torch_default_store(world: World) -> dist.Store | None:
-    """The store of torch's default process group, when the user's own
-    ``init_process_group`` already made one for this world: topo then rendezvouses on it
-    (under its own key prefix) instead of hosting a second server on MASTER_PORT."""
-    import torch.distributed as torch_dist
-
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return None
-    if torch_dist.get_world_size() != world.world_size or torch_dist.get_rank() != world.rank:
-        return None
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        default: dist.Store = _get_default_store()
-    except (ImportError, RuntimeError, ValueError):
-        return None
-    return default
-
-
-def _as_watchdog(watchdog: object) -> float | None:
-    if watchdog is None or watchdog is False:
-        return None
-    if watchdog is True:
-        return 0.1
-    return as_seconds(watchdog, "activate watchdog")
-
-
-def _as_check(check: object) -> bool:
-    if check is not None:
-        return as_bool(check, "activate check")
-    env = os.environ.get("TOPO_CHECK", "").strip().lower()
-    if env in ("", "0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    raise TopoValueError(
-        f"TOPO_CHECK requires 1 or 0 (true/false, yes/no, on/off), but got "
-        f"{os.environ['TOPO_CHECK']!r}; set TOPO_CHECK=1 to turn check mode on"
-    )
-
-
-def _as_cuda_device(device: torch.device | str | int | None) -> torch.device | None:
-    if device is None:
-        return None
-    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
-        raise TopoTypeError(
-            f"activate device requires a torch.device, a str like 'cuda:0' or an int, but got "
-            f"{type(device).__name__} {device!r}"
-        )
-    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if dev.type != "cuda":
-        raise TopoValueError(
-            f"activate device requires a CUDA device (CPU tensors always use gloo), but got "
-            f"{dev}; pass device='cuda:0' or leave it out"
-        )
-    return dev if dev.index is not None else None

@@ -12,16 +12,14 @@ Layout: axes are listed outermost first and the last axis varies fastest, so
 from __future__ import annotations
 
 import itertools
-import keyword
 import math
-import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from topo._checks import as_int
+from topo._checks import as_axis_name, as_int
 from topo.errors import TopoTypeError, TopoValueError
 
 if TYPE_CHECKING:
@@ -45,24 +43,6 @@ Axis = str | Sequence[str]
 
 def _format_sizes(names: Sequence[str], sizes: Sequence[int]) -> str:
     return " * ".join(f"{n}({s})" for n, s in zip(names, sizes, strict=True))
-
-
-def _check_name(name: object, what: str) -> str:
-    if not isinstance(name, str):
-        raise TopoTypeError(
-            f"{what} requires a str axis name, but got {type(name).__name__} {name!r}"
-        )
-    if (
-        not name.isidentifier()
-        or keyword.iskeyword(name)
-        or unicodedata.normalize("NFKC", name) != name
-    ):
-        raise TopoValueError(
-            f"{what} requires an identifier (like 'dp' or 'tp'; NFKC-normal, not a Python "
-            f"keyword), "
-            f"but got {name!r}"
-        )
-    return name
 
 
 @attrs.frozen(init=False, repr=False)
@@ -102,7 +82,7 @@ class DeviceMesh:
 
     def _setup(self, names: tuple[str, ...], sizes: tuple[Any, ...]) -> None:
         for name in names:
-            _check_name(name, "DeviceMesh axis name")
+            as_axis_name(name, "DeviceMesh axis name")
         seen: set[str] = set()
         for name in names:
             if name in seen:
@@ -537,7 +517,7 @@ class DeviceMesh:
                 f"{tuple(axes)} in mesh {self}; use group({tuple(axes)}, rank) to treat "
                 f"non-adjacent axes as one"
             )
-        _check_name(name, "flatten name")
+        as_axis_name(name, "flatten name")
         names = list(self.axis_names)
         sizes = list(self.axis_sizes)
         merged = math.prod(sizes[p] for p in positions)
@@ -580,6 +560,22 @@ class DeviceMesh:
         from topo.context import activate
 
         return activate(self, world, timeout=timeout, **options)
+
+    @classmethod
+    def from_torch(cls, torch_mesh: Any) -> DeviceMesh:
+        """The topo spec equal to a ``torch.distributed.device_mesh.DeviceMesh``: its
+        ``mesh_dim_names`` become axis names, ordered so that topo's row-major rank layout gives
+        every rank the same coordinates (duck-typed: reads ``mesh.tolist()`` and
+        ``mesh_dim_names``; no torch import here).
+
+        Example::
+
+            tm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+            DeviceMesh.from_torch(tm)   # DeviceMesh(dp=2, tp=2)
+        """
+        from topo.rank_layout import axes_of_torch_mesh
+
+        return cls.from_shape(*axes_of_torch_mesh(torch_mesh))
 
 
 def __getattr__(name: str) -> Any:
