@@ -52,10 +52,14 @@ def _torch_default_store(world: World) -> dist.Store | None:
     if torch_dist.get_world_size() != world.world_size or torch_dist.get_rank() != world.rank:
         return None
     try:
-        from torch.distributed.distributed_c10d import _get_default_store
+        from torch.distributed import distributed_c10d as c10d
 
-        default: dist.Store = _get_default_store()
-    except (ImportError, RuntimeError, ValueError):
+        default_pg = c10d._world.default_pg
+        name = c10d._world.pg_names.get(default_pg, "") if default_pg is not None else ""
+        if str(name).startswith("topo:"):
+            return None  # a default group a topo activation installed (torch interop)
+        default: dist.Store = c10d._get_default_store()
+    except (ImportError, AttributeError, RuntimeError, ValueError):
         return None
     return default
 

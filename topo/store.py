@@ -253,6 +253,29 @@ class BoundedStore(dist.Store):
                 f"passed in) may be stopped (SIGSTOP), hung or cut off — look at rank 0"
             ) from None
 
+    def set_within(self, key: str, value: Any, seconds: float) -> None:
+        """``set`` that gives up (``StoreLostError``) after ``seconds`` plus the margin
+        instead of the activation's timeout: for the quick calls of an error path.
+
+        Example::
+
+            store.set_within("k", b"1", 2.0)
+        """
+        self.written.add(key)
+        self._call("set", lambda: self.inner.set(key, value), timedelta(seconds=seconds))
+
+    def check_within(self, keys: list[str], seconds: float) -> bool:
+        """``check`` bounded by ``seconds`` plus the margin (see :meth:`set_within`).
+
+        Example::
+
+            store.check_within(["k"], 2.0)
+        """
+        found: bool = self._call(
+            "check", lambda: self.inner.check(keys), timedelta(seconds=seconds)
+        )
+        return found
+
     def set(self, key: str, value: Any) -> None:
         self.written.add(key)
         self._call("set", lambda: self.inner.set(key, value))

@@ -19,6 +19,7 @@ import topo._dist as dist
 from topo.communicators.base import ReduceOp
 from topo.communicators.buffers import BufferPool
 from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
+from topo.communicators.rollcall import RollCall
 from topo.errors import CommunicationError, CommunicationTimeout
 
 __all__ = ["GLOO_REDUCE_DTYPES", "GlooCommunicator"]
@@ -60,8 +61,10 @@ class GlooCommunicator:
         timeout: timedelta,
         local: bool,
         label: str,
+        roll_call: RollCall | None = None,
     ) -> None:
         self.ranks = ranks
+        self.roll_call = roll_call
         self.index = index
         self.label = label
         self.timeout = timeout
@@ -72,7 +75,7 @@ class GlooCommunicator:
             # typed Any: torch's stubs do not declare the Backend collective methods
             self._pg: Any = dist.ProcessGroupGloo(store, index, len(ranks), options)
         except RuntimeError as error:
-            raise self._error("creating the gloo communicator", error) from None
+            raise self._error("creating the gloo communicator", error, roll_call=False) from None
         self._reduce_options: dict[str, dist.AllreduceOptions] = {}
         for name, op in TORCH_REDUCE_OPS.items():
             opts = dist.AllreduceOptions()
@@ -96,19 +99,24 @@ class GlooCommunicator:
             )
         return self._pg
 
-    def _error(self, operation: str, error: BaseException) -> CommunicationError:
+    def _error(
+        self, operation: str, error: BaseException, roll_call: bool = True
+    ) -> CommunicationError:
+        """topo's error for a failed gloo call; after a failed collective the survivors hold a
+        roll call first, so the message names the ranks that are gone."""
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        absent = self.roll_call.report() if roll_call and self.roll_call is not None else ""
         if "timed out" in text.lower() or "timeout" in text.lower():
             return CommunicationTimeout(
                 f"{operation} on {self.label} timed out after {self.timeout.total_seconds():g} s "
-                f"(global ranks {list(self.ranks)}): a peer did not arrive or died; check that "
-                f"every rank of the group calls the same collectives in the same order "
-                f"[gloo: {text}]"
+                f"(global ranks {list(self.ranks)}): a peer did not arrive or died{absent}; "
+                f"check that every rank of the group calls the same collectives in the same "
+                f"order [gloo: {text}]"
             )
         return CommunicationError(
-            f"{operation} on {self.label} failed (global ranks {list(self.ranks)}) [gloo: {text}]; "
-            f"a peer may have died or called a different collective: check the other ranks' "
-            f"errors"
+            f"{operation} on {self.label} failed (global ranks {list(self.ranks)}){absent}; a "
+            f"peer may have died or called a different collective: check the other ranks' "
+            f"errors [gloo: {text}]"
         )
 
     def _run(self, operation: str, start: Callable[[], dist.Work]) -> None:

@@ -130,9 +130,17 @@ class Backend:
 
 def _gloo(group: GroupSpec) -> Communicator:
     from topo.communicators.gloo import GlooCommunicator
+    from topo.communicators.rollcall import RollCall
 
+    roll_call = RollCall(group.coordinator.store, group.scope, group.ranks, group.index)
     return GlooCommunicator(
-        group.store, group.ranks, group.index, group.timeout, group.world.is_local, group.label
+        group.store,
+        group.ranks,
+        group.index,
+        group.timeout,
+        group.world.is_local,
+        group.label,
+        roll_call,
     )
 
 
