@@ -179,7 +179,9 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     ifname = os.environ["GLOO_SOCKET_IFNAME"]
     report: dict[str, Any] = {"rank": rank, "mode": mode, "pid": os.getpid()}
+    report["start_time"] = time.time()
     report["world"] = repr(topo.World.from_env())
+    report["imported_s"] = time.time() - report["start_time"]
     (out / f"imported{rank}").touch()
     wait_for(out / "go", 60.0)
     started = time.monotonic()
@@ -195,6 +197,7 @@ def main() -> None:
                     "loopback": probe("127.0.0.1", port),
                 }
                 report["checks"] = check_collectives(rank)
+                report["checked_s"] = time.monotonic() - started
             else:
                 world = ("dp", "tp")
                 x = inputs(rank)
@@ -211,6 +214,7 @@ def main() -> None:
                     ops += 3
                 report["ops"] = ops
         report["outcome"] = "finished"
+        report["closed_s"] = time.monotonic() - started
     except BaseException as error:  # the report carries it to the test
         report["outcome"] = "error"
         report["error"] = error_report(error, started)
