@@ -183,7 +183,7 @@ def main() -> None:
     report["world"] = repr(topo.World.from_env())
     report["imported_s"] = time.time() - report["start_time"]
     (out / f"imported{rank}").touch()
-    wait_for(out / "go", 60.0)
+    wait_for(out / "go", 120.0)  # longer than the test waits for every rank to import
     started = time.monotonic()
     tx_before = tx_bytes(ifname)
     try:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +115,11 @@ def _wait_files(paths: list[Path], procs: dict[int, subprocess.Popen[bytes]], bo
         time.sleep(0.02)
 
 
-def run_job(
-    hosts: _netns.TwoHosts,
-    mode: str,
-    timeout: float,
-    fault: Callable[[dict[int, subprocess.Popen[bytes]]], None] | None = None,
-) -> Job:
+#: A fault injected into a running job: called with the rank processes.
+Fault = Callable[[dict[int, subprocess.Popen[bytes]]], None]
+
+
+def run_job(hosts: _netns.TwoHosts, mode: str, timeout: float, fault: Fault | None = None) -> Job:
     """Run the four ranks of ``mode``; once all are ready (inside their loop of collectives),
     call ``fault`` with the processes. Every process is ended (killed if need be) before this
     returns."""
@@ -170,44 +170,79 @@ def run_job(
     return Job(reports, outputs, returncodes, fault_time, time.monotonic() - start, import_s)
 
 
+def _kill(hosts: _netns.TwoHosts) -> Fault:
+    def kill(procs: dict[int, subprocess.Popen[bytes]]) -> None:
+        os.kill(procs[KILLED].pid, signal.SIGKILL)  # a process this test started
+
+    return kill
+
+
+def _cut(hosts: _netns.TwoHosts) -> Fault:
+    """The link between the hosts goes down mid-job (no reset reaches anyone: a partition)."""
+
+    def cut(procs: dict[int, subprocess.Popen[bytes]]) -> None:
+        _netns.set_link(hosts.a, up=False)
+
+    return cut
+
+
+#: The jobs: mode of the rank script, activation timeout, the fault injected once all are ready.
+JOBS: dict[str, tuple[str, float, Callable[[_netns.TwoHosts], Fault] | None]] = {
+    "collectives": ("collectives", COLLECTIVES_TIMEOUT, None),
+    "kill": ("loop", KILL_TIMEOUT, _kill),
+    "partition": ("loop", KILL_TIMEOUT, _cut),
+}
+
+
+def _run_on_own_hosts(name: str) -> Job:
+    mode, timeout, fault = JOBS[name]
+    with _netns.two_hosts() as hosts:
+        return run_job(hosts, mode, timeout, None if fault is None else fault(hosts))
+
+
 @pytest.fixture(scope="module")
-def hosts() -> Iterator[_netns.TwoHosts]:
+def jobs() -> Iterator[dict[str, Job | BaseException]]:
+    """Run every job at once, each on its own pair of namespaces (most of a job's time is
+    starting four Python processes; the partition job also waits out its timeout)."""
     reason = _netns.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     before = _netns.netns_list()
-    with _netns.two_hosts() as built:
-        yield built
+    results: dict[str, Job | BaseException] = {}
+    with ThreadPoolExecutor(len(JOBS)) as pool:
+        futures = {name: pool.submit(_run_on_own_hosts, name) for name in JOBS}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as error:  # raised by the tests that use this job
+                results[name] = error
+    yield results
     # Other programs may add namespaces meanwhile: compare only the ones this process made.
     mine = f"-{os.getpid()}-"
     left = sorted(name for name in _netns.netns_list() - before if mine in name)
     assert not left, f"namespaces left behind: {left}"
 
 
-@pytest.fixture(scope="module")
-def collectives_job(hosts: _netns.TwoHosts) -> Job:
-    return run_job(hosts, "collectives", COLLECTIVES_TIMEOUT)
+def _job(jobs: dict[str, Job | BaseException], name: str) -> Job:
+    job = jobs[name]
+    if isinstance(job, BaseException):
+        raise job
+    return job
 
 
-@pytest.fixture(scope="module")
-def kill_job(hosts: _netns.TwoHosts) -> Job:
-    def kill(procs: dict[int, subprocess.Popen[bytes]]) -> None:
-        os.kill(procs[KILLED].pid, signal.SIGKILL)  # a process this test started
-
-    return run_job(hosts, "loop", KILL_TIMEOUT, kill)
+@pytest.fixture
+def collectives_job(jobs: dict[str, Job | BaseException]) -> Job:
+    return _job(jobs, "collectives")
 
 
-@pytest.fixture(scope="module")
-def partition_job(hosts: _netns.TwoHosts) -> Job:
-    """The link between the hosts goes down mid-job (no reset reaches anyone: a partition)."""
+@pytest.fixture
+def kill_job(jobs: dict[str, Job | BaseException]) -> Job:
+    return _job(jobs, "kill")
 
-    def cut(procs: dict[int, subprocess.Popen[bytes]]) -> None:
-        _netns.set_link(hosts.a, up=False)
 
-    try:
-        return run_job(hosts, "loop", KILL_TIMEOUT, cut)
-    finally:
-        _netns.set_link(hosts.a, up=True)
+@pytest.fixture
+def partition_job(jobs: dict[str, Job | BaseException]) -> Job:
+    return _job(jobs, "partition")
 
 
 def test_every_collective_across_two_hosts(collectives_job: Job) -> None:
