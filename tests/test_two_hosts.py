@@ -277,11 +277,6 @@ def test_every_collective_across_two_hosts(collectives_job: Job) -> None:
         assert report["probe"]["master_addr"] == "open", report["probe"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="store binds all interfaces until the binding change lands",
-)
 def test_store_listens_only_on_master_addr(collectives_job: Job) -> None:
     """With MASTER_ADDR = A's veth address, the store's port must not answer on A's loopback
     (ranks 0 and 1 run on A and probe 127.0.0.1:MASTER_PORT while the store is up)."""
@@ -324,12 +319,6 @@ def _names(message: str, ranks: set[int]) -> bool:
     return False
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,
-    reason="survivors' errors name the group's ranks and gloo's peer address (sometimes that of "
-    "a survivor that failed first), not the dead rank",
-)
 def test_killed_rank_is_named_by_every_survivor(kill_job: Job) -> None:
     """What should happen: each survivor's error says that rank 3 died or is missing."""
     survivors = _survivors(kill_job)
@@ -356,11 +345,6 @@ def test_partition_ends_every_rank_with_a_topo_error(partition_job: Job) -> None
         assert error["time"] - job.fault_time <= KILL_TIMEOUT + MARGIN, job.describe()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,
-    reason="a timed-out collective names the whole group, not the ranks it was waiting for",
-)
 def test_partition_names_the_other_side(partition_job: Job) -> None:
     """What should happen: each rank's error names a rank of the other host as the one it
     waited for (ranks 0, 1 on A; 2, 3 on B)."""

@@ -319,6 +319,8 @@ class MeshContext:
         try:
             if not abort:
                 self.coordinator.close()
+            else:
+                self.coordinator.linger_after_failure()
         except BaseException:
             abort = True  # a peer is gone: never wait on it while closing the communicators
             raise

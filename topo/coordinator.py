@@ -340,6 +340,18 @@ class Coordinator:
         )
         return self.all_gather_json(obj, ranks)
 
+    def linger_after_failure(self) -> None:
+        """On the store's host, after a collective failed: keep the store up while the other
+        survivors hold their roll call (see ``topo.communicators.rollcall``), so that they
+        name the ranks that are gone instead of a lost store.
+
+        Example::
+
+            coord.linger_after_failure()   # on an error path, before the process exits
+        """
+        if self.hosts_store and self.store.roll_calls:
+            time.sleep(LINGER_SECONDS)
+
     def close(self) -> None:
         """Wait for every rank, delete this activation's keys, and leave rank 0 (the store's
         host) last, so that no rank talks to a store whose host has gone (call on clean exits).

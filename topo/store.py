@@ -238,6 +238,8 @@ class BoundedStore(dist.Store):
         self.where = where
         self.ops = 0
         self.written: set[str] = set()
+        #: roll calls held after failed collectives (the store's host then lingers).
+        self.roll_calls = 0
         self._worker = _Worker()
         self._native_multi_get = hasattr(inner, "multi_get")
 

@@ -59,6 +59,7 @@ class RollCall:
             suffix = roll.report()
         """
         self._calls += 1
+        self.store.roll_calls += 1
         base = f"{self.scope}/rollcall/{self._calls}"
         limit = min(self.seconds, 2.0)
         try:
