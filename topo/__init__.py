@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.errors import *  # noqa: F403
     from topo.graphs import *  # noqa: F403
     from topo.launch import *  # noqa: F403
+    from topo.transport import *  # noqa: F403
     from topo.world import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ _LAZY_MODULES = (
     "topo.coordinator",
     "topo.collectives",
     "topo.graphs",
+    "topo.transport",
 )
 _EAGER_MODULES = ("topo.mesh",)
 
