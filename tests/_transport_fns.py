@@ -167,3 +167,125 @@ def mq_kill_main(victim: int) -> None:
     if me == victim:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(WAIT)
+
+
+# ------------------------------------------------------------------------- weight transfer
+
+
+def weights() -> list[tuple[str, torch.Tensor]]:
+    """Mixed shapes and dtypes: 0-d, empty, bool, bf16, complex, and tensors larger than the
+    small test buckets (moved alone)."""
+    g = torch.Generator().manual_seed(7)
+    out: list[tuple[str, torch.Tensor]] = []
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8,
+              torch.float64, torch.complex64]  # fmt: skip
+    for i in range(24):
+        shape = [(i % 5) + 1, (i * 7) % 11 + 1][: 1 + i % 2]
+        t = (torch.randn(shape, generator=g) * 50).to(dtypes[i % len(dtypes)])
+        out.append((f"layer{i}.w", t))
+    out.append(("mask", torch.arange(10) % 3 == 0))
+    out.append(("scale", torch.tensor(2.5)))
+    out.append(("empty", torch.empty(0, 4)))
+    out.append(("big", torch.randn(3000, generator=g)))  # 12 KB: beyond a 4 KiB bucket
+    out.append(("strided", torch.arange(40.0).reshape(5, 8).t()))
+    return out
+
+
+def _collect(store: dict[str, torch.Tensor]) -> Any:
+    def load(name: str, t: torch.Tensor) -> None:
+        store[name] = t.clone()
+
+    return load
+
+
+def transfer_axis_main() -> dict[str, Any]:
+    """On DeviceMesh(tp=3): index 0 sends weights() three ways; then bad handshakes."""
+    me = topo.axis_index("tp")
+    out: dict[str, Any] = {}
+    modes = {"small": {"bucket_bytes": 4096, "num_buffers": 2}, "default": {},
+             "unpacked": {"packed": False}}  # fmt: skip
+    for key, kw in modes.items():
+        if me == 0:
+            out[key] = topo.transfer.send_weights(weights(), "tp", **kw).calls
+        else:
+            got: dict[str, torch.Tensor] = {}
+            expect = dict(weights())
+            topo.transfer.receive_weights("tp", load=_collect(got), expect=expect)
+            out[key] = got
+
+    def attempt(key: str, fn: Any) -> None:
+        try:
+            fn()
+            out[key] = "no error"
+        except topo.TopoError as error:
+            out[key] = f"{type(error).__name__}: {error}"
+
+    good = dict(weights())
+    bad_shape = dict(good, **{"layer3.w": torch.zeros(9, 9)})
+    missing = dict(list(good.items())[:-1])
+    cases = {
+        "bad_shape": ({2: {"expect": bad_shape}}),
+        "missing": ({1: {"expect": missing}}),
+        "bucket": ({1: {"bucket_bytes": 123}}),
+    }
+    for key, per_rank in cases.items():
+        if me == 0:
+            attempt(key, lambda: topo.transfer.send_weights(weights(), "tp", bucket_bytes=4096))
+        else:
+            kw = per_rank.get(me, {})
+            attempt(
+                key, lambda kw=kw: topo.transfer.receive_weights("tp", load=lambda n, t: None, **kw)
+            )
+    if me == 0:
+        attempt("bad_name", lambda: topo.transfer.send_weights([("a", 1)], "tp"))
+    else:
+        attempt("bad_name", lambda: topo.transfer.receive_weights("tp", load=lambda n, t: None))
+    # nothing is left half-done: a good transfer still works
+    if me == 0:
+        topo.transfer.send_weights(weights(), "tp", bucket_bytes=4096)
+    else:
+        got = {}
+        topo.transfer.receive_weights("tp", load=_collect(got))
+        out["after"] = got
+    return out
+
+
+def model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    m.register_buffer("step", torch.tensor(seed))
+    return m
+
+
+def trainer_main(port: int) -> None:
+    """The trainer job: bridge rank 0 of 5; sends its model packed, then unpacked."""
+    m = model(0)
+    with topo.transfer.bridge("127.0.0.1", port, rank=0, world_size=5, timeout=WAIT):
+        topo.transfer.send_weights(m.state_dict().items(), "bridge", bucket_bytes=256)
+        topo.transfer.send_weights(m.state_dict().items(), "bridge", packed=False)
+
+
+def inference_main(port: int) -> list[dict[str, torch.Tensor]]:
+    """Each rank of the inference mesh (dp x tp): joins the bridge with the seed's rank and
+    loads the trainer's weights into its own nn.Module, twice."""
+    ctx = topo.current()
+    dp, tp = ctx.coords["dp"], ctx.coords["tp"]
+    r = topo.transfer.worker_rank(dp, tp, world_size_per_dp=ctx.mesh.size // ctx.mesh.shape["dp"])
+    m = model(100 + ctx.rank)
+    state = m.state_dict()
+    out = []
+    with topo.transfer.bridge("127.0.0.1", port, rank=r, world_size=5, timeout=WAIT) as b:
+        assert b.rank == r
+        for _ in range(2):
+
+            def load(name: str, t: torch.Tensor) -> None:
+                with torch.no_grad():
+                    state[name].copy_(t)
+
+            topo.transfer.receive_weights("bridge", load=load, expect=state)
+            out.append({k: v.clone() for k, v in m.state_dict().items()})
+            for p in m.parameters():
+                torch.nn.init.zeros_(p)
+    # the inference mesh itself still works beside the bridge
+    out.append({"sum": topo.all_reduce(torch.ones(1), "tp")})
+    return out

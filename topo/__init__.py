@@ -52,6 +52,9 @@ _LAZY_MODULES = (
     "topo.transport",
 )
 _EAGER_MODULES = ("topo.mesh",)
+#: Subpackages whose names stay in their namespace (``topo.transfer.send_weights``): loaded on
+#: first attribute access, like ``import topo.transfer``.
+_SUBPACKAGES = ("transfer",)
 
 
 def _public_names() -> dict[str, str]:
@@ -66,6 +69,8 @@ def _public_names() -> dict[str, str]:
 def __getattr__(name: str) -> Any:
     if name == "__all__":
         value: Any = sorted(_public_names())
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"topo.{name}")
     else:
         for module in _LAZY_MODULES:
             loaded = importlib.import_module(module)
@@ -79,4 +84,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_public_names()))
+    return sorted(set(globals()) | set(_public_names()) | set(_SUBPACKAGES))
