@@ -213,3 +213,27 @@ def test_unknown_dtype_from_a_newer_sender_is_a_clear_error() -> None:
         tree_specs({"zz": 1}, "recv_tensor_dict")
     with pytest.raises(topo.CollectiveMismatchError, match="not topo metadata"):
         _wire.loads(b"\x80\x04pickle", "recv_tensor_dict")
+
+
+# ------------------------------------------------------- the NCCL path, against a fake cupy
+
+
+def test_uneven_collectives_on_the_nccl_communicator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gatherv/scatterv drive NcclCommunicator exactly as gloo (padded all_gather, per-rank
+    broadcasts, padded reduce_scatter); a one-rank fake NCCL moves the bytes (no GPU here)."""
+    from test_nccl import _fake_communicator
+
+    from topo.collectives.uneven import exchange_sizes, gatherv, scatterv
+    from topo.communicators.nccl_types import NCCL_DTYPES
+
+    c, comm, _ = _fake_communicator(monkeypatch)
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert exchange_sizes(c, x, 1, "tp", "all_gatherv") == [4]
+    assert comm.calls[-1] == ("allGather", 2, NCCL_DTYPES[torch.int64])
+    assert same(gatherv(c, x, 1, [4], "padded"), x)
+    assert comm.calls[-1] == ("allGather", 12, NCCL_DTYPES[torch.float32])
+    assert same(gatherv(c, x, 0, [3], "broadcast"), x)
+    assert comm.calls[-1] == ("broadcast", 12, NCCL_DTYPES[torch.float32], 0)
+    y = scatterv(c, x.to(torch.bfloat16), 0, [3], "max")
+    assert same(y, x.to(torch.bfloat16))
+    assert comm.calls[-1][:2] == ("reduceScatter", 12)
