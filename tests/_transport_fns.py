@@ -115,11 +115,13 @@ def transport_main() -> dict[str, Any]:
                 out[f"mq/{transport}/raw"] = mq.dequeue_bytes(timeout=WAIT)
             ctx.communicator(("pp", "tp"), "cpu").barrier()
     out["shm_after"] = sorted(f for f in os.listdir("/dev/shm") if f.startswith("topo_mq_"))
+    out["errors"] = errors_main()
     return out
 
 
 def errors_main() -> dict[str, str]:
-    """Bad input on DeviceMesh(tp=2): each error's class and message, then a working call."""
+    """Bad input on the tp axis (size 2): each error's class and message, then a working
+    call."""
     ctx = topo.current()
     me = ctx.axis_index("tp")
     errors: dict[str, str] = {}
@@ -155,16 +157,16 @@ def errors_main() -> dict[str, str]:
     return errors
 
 
-def mq_kill_main(victim: int) -> None:
-    """A queue on DeviceMesh(tp=3); after one message, index ``victim`` kills itself with
-    SIGKILL (the writer when 0); the survivors then wait to be ended by topo.spawn."""
+def mq_kill_main(victims: tuple[int, ...]) -> None:
+    """A queue on DeviceMesh(tp=3); after one message, the indices in ``victims`` kill
+    themselves with SIGKILL (0 is the writer); the survivors wait to be ended by topo.spawn."""
     me = topo.axis_index("tp")
     mq = topo.MessageQueue("tp", writer=0, timeout=WAIT)
     if me == 0:
         mq.enqueue("hello")
     else:
         assert mq.dequeue(timeout=WAIT) == "hello"
-    if me == victim:
+    if me in victims:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(WAIT)
 

@@ -28,6 +28,7 @@ import pickle
 import secrets
 import socket
 import struct
+import threading
 import time
 from multiprocessing import shared_memory
 from typing import Any, Literal
@@ -95,6 +96,16 @@ def _attach(name: str) -> _Attached | None:
         return _Attached(name)
     except (OSError, ValueError, ImportError):
         return None
+
+
+_FENCE = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier (a mutex acquire/release), so that shared-memory stores are seen
+    in program order on weakly ordered CPUs too (as vLLM's shm broadcaster does)."""
+    with _FENCE:
+        pass
 
 
 class _Backoff:
@@ -243,7 +254,7 @@ class MessageQueue:
                     conn, _ = server.accept()
                 except TimeoutError:
                     raise CommunicationTimeout(self._never_connected(sorted(waiting))) from None
-                index = self._authenticate_reader(conn, secret, waiting, left)
+                index = server_handshake(conn, secret, waiting, min(left, 5.0))
                 if index is None:
                     conn.close()  # not one of the job's readers: dropped unheard
                     continue
@@ -260,25 +271,6 @@ class MessageQueue:
             f"constructs the queue and that the writer's address is reachable"
         )
 
-    def _authenticate_reader(
-        self, conn: socket.socket, secret: bytes, waiting: set[int], left: float
-    ) -> int | None:
-        try:
-            conn.settimeout(min(left, 5.0))
-            hello = _recv_exact(conn, len(_MAGIC) + 4 + 16)
-            if hello[:4] != _MAGIC:
-                return None
-            index = int.from_bytes(hello[4:8], "little")
-            nonce_r, nonce_w = hello[8:], secrets.token_bytes(16)
-            conn.sendall(nonce_w + _mac(secret, b"w", nonce_r, nonce_w))
-            proof = _recv_exact(conn, 32)
-        except OSError:
-            return None
-        expected = _mac(secret, b"r", nonce_w, nonce_r, index.to_bytes(4, "little"))
-        if index not in waiting or not hmac.compare_digest(proof, expected):
-            return None
-        return index
-
     def _connect(self, host: str, port: int, secret: bytes) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
@@ -294,16 +286,11 @@ class MessageQueue:
                     ) from None
                 time.sleep(0.01)
         try:
-            nonce_r = secrets.token_bytes(16)
-            conn.sendall(_MAGIC + self.index.to_bytes(4, "little") + nonce_r)
-            reply = _recv_exact(conn, 48)
-            nonce_w = reply[:16]
-            if not hmac.compare_digest(reply[16:], _mac(secret, b"w", nonce_r, nonce_w)):
+            if not client_handshake(conn, self.index, secret):
                 raise CommunicationError(
                     f"topo.MessageQueue reader index {self.index}: the peer at {host}:{port} "
                     f"could not prove it is the queue's writer; nothing was read from it"
                 )
-            conn.sendall(_mac(secret, b"r", nonce_w, nonce_r, self.index.to_bytes(4, "little")))
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:
             conn.close()
@@ -436,10 +423,12 @@ class MessageQueue:
                     f"{self.timeout:g} s: the ring of {self.slots} slots is full because "
                     f"reader(s) {who} did not read; every reader must call dequeue"
                 )
+        _fence()  # the readers' acknowledgements before overwriting the slot
         at = self._slot_offset(seq)
         buf[at + _SLOT_HEADER : at + _SLOT_HEADER + len(chunk)] = chunk
         _Q.pack_into(buf, at + 8, len(chunk))
         _Q.pack_into(buf, at + 16, int(more))
+        _fence()  # the data before the sequence number, on any CPU
         _Q.pack_into(buf, at, seq)  # publish last
         self._seq = seq
 
@@ -451,9 +440,11 @@ class MessageQueue:
         while _Q.unpack_from(buf, at)[0] != seq:
             if not backoff.wait():
                 raise CommunicationTimeout(self._no_message(wait))
+        _fence()  # read the data only after seeing the sequence number
         (length,) = _Q.unpack_from(buf, at + 8)
         (more,) = _Q.unpack_from(buf, at + 16)
         data = bytes(buf[at + _SLOT_HEADER : at + _SLOT_HEADER + length])
+        _fence()  # done reading before the writer may reuse the slot
         _Q.pack_into(buf, 8 * self.index, seq)  # acknowledge
         self._seq = seq
         return data, bool(more)
@@ -497,6 +488,50 @@ def _buffer(shm: shared_memory.SharedMemory | _Attached) -> memoryview:
     buf = shm.buf
     assert buf is not None
     return buf
+
+
+def server_handshake(
+    conn: socket.socket, secret: bytes, waiting: set[int], timeout: float
+) -> int | None:
+    """The writer's side of the mutual HMAC challenge: the reader index the peer proved it is
+    (one of ``waiting``), or None (then nothing else is read from it).
+
+    Example::
+
+        index = server_handshake(conn, secret, {1, 2, 3}, timeout=5.0)
+    """
+    try:
+        conn.settimeout(timeout)
+        hello = _recv_exact(conn, len(_MAGIC) + 4 + 16)
+        if hello[:4] != _MAGIC:
+            return None
+        index = int.from_bytes(hello[4:8], "little")
+        nonce_r, nonce_w = hello[8:], secrets.token_bytes(16)
+        conn.sendall(nonce_w + _mac(secret, b"w", nonce_r, nonce_w))
+        proof = _recv_exact(conn, 32)
+    except OSError:
+        return None
+    expected = _mac(secret, b"r", nonce_w, nonce_r, index.to_bytes(4, "little"))
+    if index not in waiting or not hmac.compare_digest(proof, expected):
+        return None
+    return index
+
+
+def client_handshake(conn: socket.socket, index: int, secret: bytes) -> bool:
+    """The reader's side: True once the peer proved it holds ``secret`` (and got our proof).
+
+    Example::
+
+        if not client_handshake(conn, 2, secret): conn.close()
+    """
+    nonce_r = secrets.token_bytes(16)
+    conn.sendall(_MAGIC + index.to_bytes(4, "little") + nonce_r)
+    reply = _recv_exact(conn, 48)
+    nonce_w = reply[:16]
+    if not hmac.compare_digest(reply[16:], _mac(secret, b"w", nonce_r, nonce_w)):
+        return False
+    conn.sendall(_mac(secret, b"r", nonce_w, nonce_r, index.to_bytes(4, "little")))
+    return True
 
 
 def _mac(secret: bytes, *parts: bytes) -> bytes:
