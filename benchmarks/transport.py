@@ -126,7 +126,9 @@ def gatherv_vs_gather() -> dict[str, list[float]]:
     sizes = [1024 * (i + 1) for i in range(n)]  # uneven rows of 256 floats
     x = torch.randn(sizes[topo.axis_index(axis)], 256)
     padded = torch.zeros(max(sizes), 256)
-    times: dict[str, list[float]] = {"gatherv": [], "gatherv_sizes": [], "padded": []}
+    times: dict[str, list[float]] = {
+        "gatherv": [], "gatherv_sizes": [], "broadcast": [], "p2p": [], "padded": []
+    }  # fmt: skip
     for repeat in range(REPEATS + 1):
         for name in times:
             _barrier(axis)
@@ -136,6 +138,8 @@ def gatherv_vs_gather() -> dict[str, list[float]]:
                     topo.all_gatherv(x, axis)
                 elif name == "gatherv_sizes":
                     topo.all_gatherv(x, axis, sizes=sizes)
+                elif name in ("broadcast", "p2p"):
+                    topo.all_gatherv(x, axis, sizes=sizes, method=name)  # type: ignore[arg-type]
                 else:
                     topo.all_gather(padded, axis)
             if repeat:
@@ -175,7 +179,11 @@ def main() -> None:
     g = topo.spawn(gatherv_vs_gather, mesh, timeout=600)[0]
     print("all_gatherv of 1024..4096 rows x 256 floats over 4 ranks:")
     print(f"  all_gatherv (sizes exchanged) {med(g['gatherv']) * 1e3:8.2f} ms")
-    print(f"  all_gatherv (sizes given)     {med(g['gatherv_sizes']) * 1e3:8.2f} ms")
+    print(
+        f"  all_gatherv (sizes given)     {med(g['gatherv_sizes']) * 1e3:8.2f} ms  (auto: padded)"
+    )
+    print(f"  all_gatherv method=broadcast  {med(g['broadcast']) * 1e3:8.2f} ms")
+    print(f"  all_gatherv method=p2p        {med(g['p2p']) * 1e3:8.2f} ms")
     print(f"  all_gather of padded tensors  {med(g['padded']) * 1e3:8.2f} ms")
     print(f"  ratio gatherv(sizes given) / padded all_gather = "
           f"{med(g['gatherv_sizes']) / med(g['padded']):.3f}")  # fmt: skip

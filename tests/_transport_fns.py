@@ -65,7 +65,7 @@ def transport_main() -> dict[str, Any]:
     rank, out = ctx.rank, {}
     for axis in ("tp", "pp"):
         for dim in (0, 1):
-            for method in ("auto", "padded", "broadcast"):
+            for method in ("auto", "padded", "broadcast", "p2p"):
                 x = uneven_input(rank, dim)
                 out[f"gatherv/{axis}/{dim}/{method}"] = topo.all_gatherv(
                     x, axis, dim=dim, method=method

@@ -54,7 +54,7 @@ def test_uneven_collectives_match_reference(reports: list[dict[str, Any]]) -> No
             me = MESH.axis_index(axis, rank)
             for dim in (0, 1):
                 want = torch.cat([fns.uneven_input(g, dim) for g in group], dim)
-                for method in ("auto", "padded", "broadcast"):
+                for method in ("auto", "padded", "broadcast", "p2p"):
                     assert same(got[f"gatherv/{axis}/{dim}/{method}"], want), (rank, axis, dim)
             want = torch.cat([fns.uneven_input(g, 1, torch.bfloat16) for g in group], 1)
             assert same(got[f"gatherv/{axis}/sizes"], want)
@@ -233,6 +233,7 @@ def test_uneven_collectives_on_the_nccl_communicator(monkeypatch: pytest.MonkeyP
     assert comm.calls[-1] == ("allGather", 12, NCCL_DTYPES[torch.float32])
     assert same(gatherv(c, x, 0, [3], "broadcast"), x)
     assert comm.calls[-1] == ("broadcast", 12, NCCL_DTYPES[torch.float32], 0)
+    assert same(gatherv(c, x, 0, [3], "p2p"), x)  # a one-rank group sends nothing
     y = scatterv(c, x.to(torch.bfloat16), 0, [3], "max")
     assert same(y, x.to(torch.bfloat16))
     assert comm.calls[-1][:2] == ("reduceScatter", 12)

@@ -2,9 +2,10 @@
 
 Both run on any communicator of the protocol (gloo for CPU, NCCL for CUDA) as *padded*
 collectives: every rank's part is padded to the longest one, one equal-sized collective runs,
-and the padding is cut off again. ``all_gatherv`` can instead send one broadcast per rank
-(``method="broadcast"``), which moves no padding; ``"auto"`` picks it when the padding would
-more than double the bytes moved.
+and the padding is cut off again. ``all_gatherv`` can instead move no padding: one broadcast
+per rank (``method="broadcast"``) or one batch of point-to-point sends and receives
+(``method="p2p"``: a single NCCL group, or concurrent gloo sends); ``"auto"`` picks ``"p2p"``
+when the padding would more than double the bytes moved.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from topo.mesh import Axis
 
 __all__ = ["all_gatherv", "reduce_scatterv"]
 
-GatherMethod = Literal["auto", "padded", "broadcast"]
-_METHODS = ("auto", "padded", "broadcast")
+GatherMethod = Literal["auto", "padded", "broadcast", "p2p"]
+_METHODS = ("auto", "padded", "broadcast", "p2p")
 
 
 def all_gatherv(
@@ -41,8 +42,8 @@ def all_gatherv(
     ``x.shape[dim]`` (in axis-index order); with ``sizes=None`` the ranks exchange them first
     (one small extra collective that also checks that shapes and dtypes agree). ``method``:
     ``"padded"`` (one all_gather of parts padded to the longest), ``"broadcast"`` (one
-    broadcast per rank, no padding) or ``"auto"`` (padded unless padding more than doubles
-    the bytes).
+    broadcast per rank, no padding), ``"p2p"`` (one grouped batch of sends and receives, no
+    padding) or ``"auto"`` (padded unless padding more than doubles the bytes, then p2p).
 
     Example::
 
@@ -173,8 +174,17 @@ def gatherv(
     rows = x.movedim(dim, 0)
     rest = tuple(rows.shape[1:])
     if method == "auto":
-        method = "broadcast" if n * longest > 2 * total else "padded"
-    if method == "broadcast":
+        method = "p2p" if n * longest > 2 * total else "padded"
+    if method == "p2p":
+        mine = rows.contiguous()
+        parts = [
+            mine if i == comm.index else rows.new_empty((c, *rest)) for i, c in enumerate(sizes)
+        ]
+        sends = [(i, mine) for i in range(n) if i != comm.index and mine.numel()]
+        recvs = [(i, p) for i, p in enumerate(parts) if i != comm.index and p.numel()]
+        comm.exchange(sends, recvs)
+        out = torch.cat(parts)
+    elif method == "broadcast":
         parts = []
         for i, count in enumerate(sizes):
             if count == 0:

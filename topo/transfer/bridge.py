@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import torch
+
 from topo._checks import as_host, as_int, as_port
 from topo.context import MeshContext, activate
 from topo.mesh import DeviceMesh
@@ -55,9 +57,13 @@ def bridge(
     *,
     timeout: float | timedelta | None = None,
     name: str = "bridge",
+    device: torch.device | str | int | None = None,
 ) -> Iterator[MeshContext]:
     """Join the stateless group of ``world_size`` processes at ``address:port`` as ``rank``;
     yields the active context of ``DeviceMesh(bridge=world_size)``. Rank 0 hosts the store.
+    ``device`` is the CUDA device for NCCL transfers; by default this process's current CUDA
+    device (``torch.cuda.current_device()``, as the seed engine), never one derived from the
+    bridge rank.
 
     Example::
 
@@ -81,5 +87,8 @@ def bridge(
         master_addr=host,
         master_port=as_port(port, "topo.transfer.bridge port"),
     )
-    with activate(DeviceMesh(bridge=size), world, timeout=timeout, name=name) as ctx:
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    mesh = DeviceMesh(bridge=size)
+    with activate(mesh, world, timeout=timeout, name=name, device=device) as ctx:
         yield ctx
