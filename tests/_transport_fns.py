@@ -141,6 +141,17 @@ def errors_main() -> dict[str, str]:
     catch("td_scalar", lambda: topo.broadcast_tensor_dict({"a": {"b": object()}}, "tp"))
     catch("td_key", lambda: topo.broadcast_tensor_dict({1: torch.ones(1)}, "tp"))  # type: ignore[dict-item]
     catch("send_self", lambda: topo.send_object(1, "tp", dst=me))
+    # a dtype the receiver's torch does not know (simulated by hiding float16 from it): the
+    # receiver drains the bytes, raises, and the axis stays in step
+    from topo.transport import _wire
+
+    hidden = _wire._DTYPES.pop("float16") if me == 1 else None
+    sent = {"h": torch.ones(3, dtype=torch.float16), "f": torch.ones(2)} if me == 0 else None
+    catch("td_dtype", lambda: topo.broadcast_tensor_dict(sent, "tp"))
+    if hidden is not None:
+        _wire._DTYPES["float16"] = hidden
+    again = topo.broadcast_tensor_dict({"x": torch.arange(3)} if me == 0 else None, "tp")
+    errors["after_dtype"] = str(again["x"].tolist())
     # after the errors the axis still works
     errors["after"] = str(topo.all_gatherv(torch.ones(me + 1), "tp").tolist())
     # a reader that never reads: the writer times out naming it

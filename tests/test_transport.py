@@ -112,10 +112,16 @@ def test_bad_input_is_a_clear_error_on_every_rank(reports: list[dict[str, Any]])
         assert "str keys" in errors["td_key"]
         assert "another index than this rank's own" in errors["send_self"]
         assert errors["after"] == "[1.0, 1.0, 1.0]"
+        assert errors["after_dtype"] == "[0, 1, 2]"
     # the source raised the encoding error itself; the receiver was told, not left waiting
     assert e0["td_scalar"].startswith("TopoTypeError")
     assert (
         e1["td_scalar"].startswith("TopoValueError") and "sending rank (index 0)" in e1["td_scalar"]
+    )
+    assert e0["td_dtype"] == "no error"
+    assert (
+        e1["td_dtype"].startswith("TopoTypeError")
+        and "'float16', which this torch" in e1["td_dtype"]
     )
     assert "index 1 (rank 1, read 0 of 2 chunks) did not read" in e0["mq_full"]
     assert e0["mq_full"].startswith("CommunicationTimeout")
@@ -163,7 +169,8 @@ def _round_trip(d: dict[str, Any], n_split: int) -> Any:
     for a split), and decode, as the two sides of send/recv_tensor_dict do."""
     tree, tensors = encode_tree(d, "test")
     meta = _wire.loads(_wire.dumps({"tree": tree}), "test")["tree"]
-    specs = tree_specs(meta, "test")
+    specs, unknown = tree_specs(meta, "test")
+    assert unknown is None
     steps = plan([(t.dtype, tuple(t.shape), t.device.type) for t in tensors], n_split)
     sent: list[list[torch.Tensor]] = []
     for slot in range(n_split):
@@ -206,8 +213,11 @@ def test_plan_coalesces_small_tensors_and_moves_big_ones_alone() -> None:
 
 
 def test_unknown_dtype_from_a_newer_sender_is_a_clear_error() -> None:
+    specs, error = tree_specs({"d": [["x", {"t": ["float4_e9", [2], "cpu", 2]}]]}, "recv")
+    assert specs == [(torch.int16, (2,), "cpu")]  # same bytes: the receiver drains them
+    assert isinstance(error, TypeError) and "dtype 'float4_e9', which this torch" in str(error)
     with pytest.raises(TypeError, match="dtype 'float4_e9', which this torch"):
-        tree_specs({"d": [["x", {"t": ["float4_e9", [2], "cpu"]}]]}, "recv_tensor_dict")
+        tree_specs({"d": [["x", {"t": ["float4_e9", [2], "cpu", 3]}]]}, "recv")
     with pytest.raises(topo.CollectiveMismatchError, match="cannot read"):
         tree_specs({"zz": 1}, "recv_tensor_dict")
     with pytest.raises(topo.CollectiveMismatchError, match="not topo metadata"):

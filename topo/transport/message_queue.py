@@ -26,6 +26,7 @@ import mmap
 import os
 import pickle
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -46,6 +47,7 @@ __all__ = ["MessageQueue"]
 
 _WRITER, _SHM, _SOCKET = 0, 1, 2
 _SLOT_HEADER = 32  # seq, length, more, padding (int64 each)
+_READER_BYTES = 16  # per reader: last sequence number read, "asleep on its wake-up socket"
 _Q = struct.Struct("<q")
 _FRAME = struct.Struct("<q")
 _MAGIC = b"TMQ1"
@@ -106,6 +108,10 @@ def _fence() -> None:
     in program order on weakly ordered CPUs too (as vLLM's shm broadcaster does)."""
     with _FENCE:
         pass
+
+
+#: A waiting shm reader polls this long before it sleeps on its wake-up socket.
+_SPIN_SECONDS = 2e-3
 
 
 class _Backoff:
@@ -179,6 +185,8 @@ class MessageQueue:
         self._shm: shared_memory.SharedMemory | _Attached | None = None
         self._server: socket.socket | None = None
         self._sockets: dict[int, socket.socket] = {}  # writer: reader index -> connection
+        self._wakeups: dict[int, socket.socket] = {}  # writer: shm reader index -> wake-up
+        self._wake_alive = True  # shm reader: the writer's wake-up socket is still open
         self._conn: socket.socket | None = None  # socket reader: connection to the writer
         self._closed = False
         self._unlinked = False
@@ -199,7 +207,7 @@ class MessageQueue:
         secret = secrets.token_bytes(32)
         info: dict[str, Any] = {}
         if self.is_writer:
-            size = 8 * self._n + self.slots * (_SLOT_HEADER + self.slot_bytes)
+            size = _READER_BYTES * self._n + self.slots * (_SLOT_HEADER + self.slot_bytes)
             segment = shared_memory.SharedMemory(
                 name=f"topo_mq_{secrets.token_hex(8)}", create=True, size=size
             )
@@ -236,14 +244,14 @@ class MessageQueue:
                 self._shm.close()
                 self._shm = None
             self._accept(secret)
-        elif choice == _SOCKET:
+        else:  # socket readers get their messages over it, shm readers their wake-ups
             self._connect(info["host"], int(info["port"]), secret)
 
     def _accept(self, secret: bytes) -> None:
         assert self._server is not None
         server, self._server = self._server, None
         with server:
-            waiting = set(self.socket_readers)
+            waiting = set(self.socket_readers) | set(self.shm_readers)
             deadline = time.monotonic() + self.timeout
             while waiting:
                 left = deadline - time.monotonic()
@@ -260,7 +268,11 @@ class MessageQueue:
                     continue
                 conn.settimeout(self.timeout)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._sockets[index] = conn
+                if index in self.shm_readers:
+                    conn.setblocking(False)  # wake-ups never block the writer
+                    self._wakeups[index] = conn
+                else:
+                    self._sockets[index] = conn
                 waiting.discard(index)
 
     def _never_connected(self, missing: list[int]) -> str:
@@ -362,7 +374,7 @@ class MessageQueue:
             if timeout is None
             else as_seconds(timeout, "topo.MessageQueue.dequeue timeout")
         )
-        if self._conn is not None:
+        if self._conn is not None and self._shm is None:
             self._conn.settimeout(wait)
             try:
                 (length,) = _FRAME.unpack(_recv_exact(self._conn, _FRAME.size))
@@ -401,7 +413,7 @@ class MessageQueue:
             )
 
     def _slot_offset(self, seq: int) -> int:
-        return 8 * self._n + ((seq - 1) % self.slots) * (_SLOT_HEADER + self.slot_bytes)
+        return _READER_BYTES * self._n + ((seq - 1) % self.slots) * (_SLOT_HEADER + self.slot_bytes)
 
     def _write_slot(self, chunk: memoryview, more: bool) -> None:
         assert self._shm is not None
@@ -409,12 +421,14 @@ class MessageQueue:
         backoff = _Backoff(self.timeout)
         need = seq - self.slots  # every reader must have read the slot's previous message
         while True:
-            lagging = [i for i in self.shm_readers if _Q.unpack_from(buf, 8 * i)[0] < need]
+            lagging = [
+                i for i in self.shm_readers if _Q.unpack_from(buf, _READER_BYTES * i)[0] < need
+            ]
             if not lagging:
                 break
             if not backoff.wait():
                 who = ", ".join(
-                    f"index {i} (rank {self.ranks[i]}, read {_Q.unpack_from(buf, 8 * i)[0]} of "
+                    f"index {i} (rank {self.ranks[i]}, read {_Q.unpack_from(buf, _READER_BYTES * i)[0]} of "
                     f"{self._seq} chunks)"
                     for i in lagging
                 )
@@ -431,6 +445,11 @@ class MessageQueue:
         _fence()  # the data before the sequence number, on any CPU
         _Q.pack_into(buf, at, seq)  # publish last
         self._seq = seq
+        _fence()  # the publish before reading the readers' "asleep" flags
+        for index, conn in self._wakeups.items():
+            if _Q.unpack_from(buf, _READER_BYTES * index + 8)[0]:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    conn.send(b"w")  # a full socket already holds wake-ups
 
     def _read_slot(self, wait: float) -> tuple[bytes, bool]:
         assert self._shm is not None
@@ -438,6 +457,10 @@ class MessageQueue:
         at = self._slot_offset(seq)
         backoff = _Backoff(wait)
         while _Q.unpack_from(buf, at)[0] != seq:
+            if time.monotonic() - backoff.start > _SPIN_SECONDS and self._sleep(
+                buf, at, seq, backoff
+            ):
+                continue
             if not backoff.wait():
                 raise CommunicationTimeout(self._no_message(wait))
         _fence()  # read the data only after seeing the sequence number
@@ -445,9 +468,33 @@ class MessageQueue:
         (more,) = _Q.unpack_from(buf, at + 16)
         data = bytes(buf[at + _SLOT_HEADER : at + _SLOT_HEADER + length])
         _fence()  # done reading before the writer may reuse the slot
-        _Q.pack_into(buf, 8 * self.index, seq)  # acknowledge
+        _Q.pack_into(buf, _READER_BYTES * self.index, seq)  # acknowledge
         self._seq = seq
         return data, bool(more)
+
+    def _sleep(self, buf: memoryview, at: int, seq: int, backoff: _Backoff) -> bool:
+        """Block on the wake-up socket until the writer publishes (or the deadline); False
+        when there is no wake-up socket (then the caller polls)."""
+        conn = self._conn
+        if conn is None or not self._wake_alive:
+            return False
+        flag = _READER_BYTES * self.index + 8
+        _Q.pack_into(buf, flag, 1)
+        _fence()  # the flag before the re-check: the writer either sees it or we see seq
+        try:
+            if _Q.unpack_from(buf, at)[0] != seq:
+                left = backoff.deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                readable, _, _ = select.select([conn], [], [], left)
+                if readable:
+                    conn.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        if not conn.recv(4096):
+                            self._wake_alive = False  # the writer closed: poll what is left
+        finally:
+            _Q.pack_into(buf, flag, 0)
+        return True
 
     # ---------------------------------------------------------------------- lifetime
 
@@ -459,11 +506,12 @@ class MessageQueue:
             mq.close()
         """
         self._closed = True
-        for conn in [*self._sockets.values(), self._conn, self._server]:
+        for conn in [*self._sockets.values(), *self._wakeups.values(), self._conn, self._server]:
             if conn is not None:
                 with contextlib.suppress(OSError):
                     conn.close()
         self._sockets.clear()
+        self._wakeups.clear()
         self._conn = self._server = None
         shm, self._shm = self._shm, None
         if shm is not None:

@@ -54,7 +54,8 @@ def _encode(value: object, path: str, tensors: list[torch.Tensor], operation: st
                 f"{_where(path)} is on {value.device}; move it with .cpu() or .cuda()"
             )
         tensors.append(value)
-        return {"t": [dtype_name(value.dtype), list(value.shape), kind]}
+        # the itemsize lets a receiver whose torch lacks the dtype still drain the bytes
+        return {"t": [dtype_name(value.dtype), list(value.shape), kind, value.element_size()]}
     if isinstance(value, Mapping):
         items = []
         for key, item in value.items():
@@ -79,16 +80,23 @@ def _encode(value: object, path: str, tensors: list[torch.Tensor], operation: st
     )
 
 
-def tree_specs(tree: Any, operation: str) -> list[TensorSpec]:
-    """The tensors' specs, in tree order, read back from a received tree.
+def tree_specs(tree: Any, operation: str) -> tuple[list[TensorSpec], TopoTypeError | None]:
+    """The tensors' specs, in tree order, read back from a received tree, and the error for
+    a dtype this torch does not know (that tensor's spec then uses a known dtype of the same
+    itemsize, so the receiver can still take the bytes off the wire before raising it).
 
     Example::
 
-        tree_specs({"d": [["x", {"t": ["float32", [2], "cpu"]}]]}, "recv")
+        specs, error = tree_specs({"d": [["x", {"t": ["float32", [2], "cpu", 4]}]]}, "recv")
     """
     specs: list[TensorSpec] = []
-    _specs(tree, specs, operation)
-    return specs
+    errors: list[TopoTypeError] = []
+    _specs(tree, specs, errors, operation)
+    return specs, (errors[0] if errors else None)
+
+
+#: A stand-in dtype per itemsize, for tensors of a dtype this torch does not know.
+_STAND_INS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 
 
 def _bad(operation: str, node: object) -> CollectiveMismatchError:
@@ -98,14 +106,20 @@ def _bad(operation: str, node: object) -> CollectiveMismatchError:
     )
 
 
-def _specs(node: Any, out: list[TensorSpec], operation: str) -> None:
+def _specs(node: Any, out: list[TensorSpec], errors: list[TopoTypeError], operation: str) -> None:
     if not isinstance(node, dict) or len(node) != 1:
         raise _bad(operation, node)
     ((tag, body),) = node.items()
     if tag == "t":
-        if not (isinstance(body, list) and len(body) == 3 and isinstance(body[1], list)):
+        if not (isinstance(body, list) and len(body) == 4 and isinstance(body[1], list)):
             raise _bad(operation, node)
-        dtype = dtype_from_name(body[0], f"topo.{operation}")
+        try:
+            dtype = dtype_from_name(body[0], f"topo.{operation}")
+        except TopoTypeError as error:
+            if body[3] not in _STAND_INS:
+                raise
+            errors.append(error)
+            dtype = _STAND_INS[body[3]]
         shape = tuple(int(s) for s in body[1])
         if body[2] not in ("cpu", "cuda") or any(s < 0 for s in shape):
             raise _bad(operation, node)
@@ -114,10 +128,10 @@ def _specs(node: Any, out: list[TensorSpec], operation: str) -> None:
         for pair in body:
             if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
                 raise _bad(operation, node)
-            _specs(pair[1], out, operation)
+            _specs(pair[1], out, errors, operation)
     elif tag in ("l", "u"):
         for item in body:
-            _specs(item, out, operation)
+            _specs(item, out, errors, operation)
     elif tag != "v":
         raise _bad(operation, node)
 

@@ -182,12 +182,14 @@ def broadcast_tensor_dict(d: Mapping[str, Any] | None, axis: Axis, src: int = 0)
         _wire.broadcast_bytes(ctx.communicator(names, "cpu"), None, root), "broadcast_tensor_dict"
     )
     tree = _tree(message, "broadcast_tensor_dict", root)
-    specs = tree_specs(tree, "broadcast_tensor_dict")
+    specs, unknown = tree_specs(tree, "broadcast_tensor_dict")
 
     def take(kind: str, like: torch.Tensor) -> torch.Tensor:
         return ctx.communicator(names, kind).broadcast(like, root)
 
     tensors = _recv_tensors(specs, plan(specs, 1), take, None, lambda k: _device(ctx, k))
+    if unknown is not None:
+        raise unknown  # after taking the bytes: the axis stays in step
     result: dict[str, Any] = decode_tree(tree, tensors)
     return result
 
@@ -287,7 +289,7 @@ def recv_tensor_dict(axis: Axis, src: int, all_gather_axis: Axis | None = None) 
             f"slices) to match this rank's ({n_split} for all_gather_axis={all_gather_axis!r}); "
             f"pass the same all_gather_axis on both sides"
         )
-    specs = tree_specs(tree, "recv_tensor_dict")
+    specs, unknown = tree_specs(tree, "recv_tensor_dict")
 
     def take(kind: str, like: torch.Tensor) -> torch.Tensor:
         comm = ctx.pair_communicator(names, peer, kind)
@@ -302,5 +304,7 @@ def recv_tensor_dict(axis: Axis, src: int, all_gather_axis: Axis | None = None) 
         specs, plan(specs, n_split), take, gather if n_split > 1 else None,
         lambda k: _device(ctx, k),
     )  # fmt: skip
+    if unknown is not None:
+        raise unknown  # after taking the bytes: the pair stays in step
     result: dict[str, Any] = decode_tree(tree, tensors)
     return result
