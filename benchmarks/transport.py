@@ -180,7 +180,7 @@ def main() -> None:
     print("all_gatherv of 1024..4096 rows x 256 floats over 4 ranks:")
     print(f"  all_gatherv (sizes exchanged) {med(g['gatherv']) * 1e3:8.2f} ms")
     print(
-        f"  all_gatherv (sizes given)     {med(g['gatherv_sizes']) * 1e3:8.2f} ms  (auto: padded)"
+        f"  all_gatherv (sizes given)     {med(g['gatherv_sizes']) * 1e3:8.2f} ms  (method='auto')"
     )
     print(f"  all_gatherv method=broadcast  {med(g['broadcast']) * 1e3:8.2f} ms")
     print(f"  all_gatherv method=p2p        {med(g['p2p']) * 1e3:8.2f} ms")

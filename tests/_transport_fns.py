@@ -216,7 +216,8 @@ def transfer_axis_main() -> dict[str, Any]:
     me = topo.axis_index("tp")
     out: dict[str, Any] = {}
     modes = {"small": {"bucket_bytes": 4096, "num_buffers": 2}, "default": {},
-             "unpacked": {"packed": False}}  # fmt: skip
+             "unpacked": {"packed": False}, "one_buffer": {"bucket_bytes": 2048, "num_buffers": 1},
+             "three": {"bucket_bytes": 1024, "num_buffers": 3}}  # fmt: skip
     for key, kw in modes.items():
         if me == 0:
             out[key] = topo.transfer.send_weights(weights(), "tp", **kw).calls

@@ -33,7 +33,7 @@ def test_send_and_receive_weights_over_an_axis() -> None:
     assert sender["default"] == 1  # everything in one 1 GiB bucket
     assert 1 < sender["small"] < len(want)
     for got in receivers:
-        for key in ("small", "default", "unpacked", "after"):
+        for key in ("small", "default", "unpacked", "one_buffer", "three", "after"):
             _same_weights(got[key], want)
     # every rank, the sender included, names the first difference; nothing moved
     for report in reports:

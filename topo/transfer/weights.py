@@ -167,7 +167,8 @@ def send_weights(
     else:
         _send_cpu(device, tensors, steps, root, num_buffers)
     seconds = time.perf_counter() - start
-    return TransferSummary(len(tensors), sum(s.nbytes for s in steps), len(steps), seconds)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return TransferSummary(len(tensors), nbytes, len(steps), seconds)
 
 
 def comm_names(ctx: MeshContext, axis: Axis) -> tuple[str, ...]:
@@ -240,15 +241,19 @@ def _send_cpu(
                 return None
             return packer.submit(_pack, pool[k % len(pool)], tensors, steps[k])
 
+        ahead = len(pool) > 1  # with one buffer, packing k+1 must wait for broadcast k
         pending = submit(0)
         for k, step in enumerate(steps):
             current = pending
-            pending = submit(k + 1)  # overlaps the broadcast below (a different buffer)
+            if ahead:
+                pending = submit(k + 1)  # overlaps the broadcast below (a different buffer)
             if step.direct is not None:
                 comm.broadcast(tensors[step.direct].contiguous(), root)
             else:
                 assert current is not None
                 comm.broadcast(current.result(), root)
+            if not ahead:
+                pending = submit(k + 1)
 
 
 def _send_cuda(

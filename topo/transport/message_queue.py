@@ -111,7 +111,7 @@ def _fence() -> None:
 
 
 #: A waiting shm reader polls this long before it sleeps on its wake-up socket.
-_SPIN_SECONDS = 2e-3
+_SPIN_SECONDS = 5e-4
 
 
 class _Backoff:
