@@ -256,7 +256,7 @@ def _handshake(server_secret: bytes, client_secret: bytes, index: int) -> tuple[
     import socket
     import threading
 
-    from topo.transport.message_queue import client_handshake, server_handshake
+    from topo.transport._links import client_handshake, server_handshake
 
     a, b = socket.socketpair()
     got: dict[str, Any] = {}
@@ -291,7 +291,7 @@ def test_socket_readers_and_writer_authenticate_each_other() -> None:
 def test_writer_drops_a_peer_that_does_not_speak_the_protocol() -> None:
     import socket
 
-    from topo.transport.message_queue import server_handshake
+    from topo.transport._links import server_handshake
 
     a, b = socket.socketpair()
     b.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 8)

@@ -20,10 +20,6 @@ over the job's own CPU communicator before any message is read. :meth:`enqueue` 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
-import mmap
-import os
 import pickle
 import secrets
 import select
@@ -42,6 +38,15 @@ from topo.context import find_context
 from topo.errors import CommunicationError, CommunicationTimeout, TopoValueError
 from topo.mesh import Axis
 from topo.transport import _wire
+from topo.transport._links import (
+    Attached,
+    attach,
+    client_handshake,
+    local_address,
+    node_id,
+    recv_exact,
+    server_handshake,
+)
 
 __all__ = ["MessageQueue"]
 
@@ -50,54 +55,6 @@ _SLOT_HEADER = 32  # seq, length, more, padding (int64 each)
 _READER_BYTES = 16  # per reader: last sequence number read, "asleep on its wake-up socket"
 _Q = struct.Struct("<q")
 _FRAME = struct.Struct("<q")
-_MAGIC = b"TMQ1"
-
-
-def _node_id() -> str:
-    boot = ""
-    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
-    return f"{socket.gethostname()}/{boot}"
-
-
-def _local_address(master_addr: str, local: bool) -> str:
-    """This host's address on the world's network: loopback for a single-node world, else
-    the interface that routes to MASTER_ADDR."""
-    if local:
-        return "127.0.0.1"
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((master_addr, 9))  # no packet is sent for a UDP connect
-        address: str = probe.getsockname()[0]
-        return address
-    return socket.gethostbyname(socket.gethostname())
-
-
-class _Attached:
-    """A reader's mapping of the writer's segment, made without Python's resource tracker
-    (which would otherwise unlink or warn about a segment the writer owns)."""
-
-    def __init__(self, name: str) -> None:
-        import _posixshmem  # type: ignore[import-not-found]  # the module multiprocessing.shared_memory itself uses
-
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-        try:
-            self._map = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        self.buf: memoryview | None = memoryview(self._map)
-
-    def close(self) -> None:
-        if self.buf is not None:
-            self.buf.release()
-            self.buf = None
-            self._map.close()
-
-
-def _attach(name: str) -> _Attached | None:
-    try:
-        return _Attached(name)
-    except (OSError, ValueError, ImportError):
-        return None
 
 
 _FENCE = threading.Lock()
@@ -182,7 +139,7 @@ class MessageQueue:
         self.is_writer = self.index == self.writer
         self._n = n
         self._seq = 0
-        self._shm: shared_memory.SharedMemory | _Attached | None = None
+        self._shm: shared_memory.SharedMemory | Attached | None = None
         self._server: socket.socket | None = None
         self._sockets: dict[int, socket.socket] = {}  # writer: reader index -> connection
         self._wakeups: dict[int, socket.socket] = {}  # writer: shm reader index -> wake-up
@@ -213,10 +170,10 @@ class MessageQueue:
             )
             self._shm = segment
             _buffer(segment)[:size] = bytes(size)
-            host = _local_address(master_addr, local)
+            host = local_address(master_addr, local)
             self._server = socket.create_server((host, 0), backlog=self._n)
             info = {
-                "shm": segment.name, "node": _node_id(), "host": host,
+                "shm": segment.name, "node": node_id(), "host": host,
                 "port": self._server.getsockname()[1], "secret": secret.hex(),
                 "transport": transport,
             }  # fmt: skip
@@ -228,8 +185,8 @@ class MessageQueue:
         choice = _WRITER
         if not self.is_writer:
             choice = _SOCKET
-            if info["transport"] == "auto" and info["node"] == _node_id():
-                self._shm = _attach(info["shm"])
+            if info["transport"] == "auto" and info["node"] == node_id():
+                self._shm = attach(info["shm"])
                 if self._shm is not None:
                     choice = _SHM
         # Every reader has attached (or chosen the socket) once this all_gather returns.
@@ -377,8 +334,8 @@ class MessageQueue:
         if self._conn is not None and self._shm is None:
             self._conn.settimeout(wait)
             try:
-                (length,) = _FRAME.unpack(_recv_exact(self._conn, _FRAME.size))
-                return _recv_exact(self._conn, length)
+                (length,) = _FRAME.unpack(recv_exact(self._conn, _FRAME.size))
+                return recv_exact(self._conn, length)
             except TimeoutError:
                 raise CommunicationTimeout(self._no_message(wait)) from None
             except OSError as error:
@@ -532,65 +489,7 @@ class MessageQueue:
             self.close()
 
 
-def _buffer(shm: shared_memory.SharedMemory | _Attached) -> memoryview:
+def _buffer(shm: shared_memory.SharedMemory | Attached) -> memoryview:
     buf = shm.buf
     assert buf is not None
     return buf
-
-
-def server_handshake(
-    conn: socket.socket, secret: bytes, waiting: set[int], timeout: float
-) -> int | None:
-    """The writer's side of the mutual HMAC challenge: the reader index the peer proved it is
-    (one of ``waiting``), or None (then nothing else is read from it).
-
-    Example::
-
-        index = server_handshake(conn, secret, {1, 2, 3}, timeout=5.0)
-    """
-    try:
-        conn.settimeout(timeout)
-        hello = _recv_exact(conn, len(_MAGIC) + 4 + 16)
-        if hello[:4] != _MAGIC:
-            return None
-        index = int.from_bytes(hello[4:8], "little")
-        nonce_r, nonce_w = hello[8:], secrets.token_bytes(16)
-        conn.sendall(nonce_w + _mac(secret, b"w", nonce_r, nonce_w))
-        proof = _recv_exact(conn, 32)
-    except OSError:
-        return None
-    expected = _mac(secret, b"r", nonce_w, nonce_r, index.to_bytes(4, "little"))
-    if index not in waiting or not hmac.compare_digest(proof, expected):
-        return None
-    return index
-
-
-def client_handshake(conn: socket.socket, index: int, secret: bytes) -> bool:
-    """The reader's side: True once the peer proved it holds ``secret`` (and got our proof).
-
-    Example::
-
-        if not client_handshake(conn, 2, secret): conn.close()
-    """
-    nonce_r = secrets.token_bytes(16)
-    conn.sendall(_MAGIC + index.to_bytes(4, "little") + nonce_r)
-    reply = _recv_exact(conn, 48)
-    nonce_w = reply[:16]
-    if not hmac.compare_digest(reply[16:], _mac(secret, b"w", nonce_r, nonce_w)):
-        return False
-    conn.sendall(_mac(secret, b"r", nonce_w, nonce_r, index.to_bytes(4, "little")))
-    return True
-
-
-def _mac(secret: bytes, *parts: bytes) -> bytes:
-    return hmac.new(secret, b"|".join(parts), hashlib.sha256).digest()
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = conn.recv(min(n - len(out), 1 << 20))
-        if not chunk:
-            raise ConnectionError("connection closed by the peer")
-        out += chunk
-    return bytes(out)

@@ -16,7 +16,7 @@ import torch
 from topo.errors import CollectiveMismatchError, TopoTypeError, TopoValueError
 from topo.transport._wire import dtype_from_name, dtype_name
 
-__all__ = ["TensorSpec", "decode_tree", "encode_tree"]
+__all__ = ["TensorSpec", "decode_tree", "encode_tree", "tree_specs"]
 
 #: (dtype, shape, device kind) of one tensor of a tensor dict.
 TensorSpec = tuple[torch.dtype, tuple[int, ...], str]
