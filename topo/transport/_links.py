@@ -23,6 +23,8 @@ _MAGIC = b"TMQ1"
 
 
 def node_id() -> str:
+    """This machine's identity (host name and boot id): readers with the writer's id try its
+    shared memory; a failed attach falls back to the socket."""
     boot = ""
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
         boot = f.read().strip()
