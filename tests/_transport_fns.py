@@ -141,6 +141,10 @@ def errors_main() -> dict[str, str]:
     catch("td_scalar", lambda: topo.broadcast_tensor_dict({"a": {"b": object()}}, "tp"))
     catch("td_key", lambda: topo.broadcast_tensor_dict({1: torch.ones(1)}, "tp"))  # type: ignore[dict-item]
     catch("send_self", lambda: topo.send_object(1, "tp", dst=me))
+    if me == 0:
+        catch("send_bad", lambda: topo.send_tensor_dict({"x": {1, 2}}, "tp", dst=1))
+    else:
+        catch("send_bad", lambda: topo.recv_tensor_dict("tp", src=0))
     # a dtype the receiver's torch does not know (simulated by hiding float16 from it): the
     # receiver drains the bytes, raises, and the axis stays in step
     from topo.transport import _wire

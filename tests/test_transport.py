@@ -118,6 +118,10 @@ def test_bad_input_is_a_clear_error_on_every_rank(reports: list[dict[str, Any]])
     assert (
         e1["td_scalar"].startswith("TopoValueError") and "sending rank (index 0)" in e1["td_scalar"]
     )
+    assert (
+        e0["send_bad"].startswith("TopoTypeError") and "d['x'] is a builtins.set" in e0["send_bad"]
+    )
+    assert e1["send_bad"].startswith("TopoValueError") and "builtins.set" in e1["send_bad"]
     assert e0["td_dtype"] == "no error"
     assert (
         e1["td_dtype"].startswith("TopoTypeError")
