@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.interop import *  # noqa: F403
     from topo.launch import *  # noqa: F403
     from topo.simulation import *  # noqa: F403
+    from topo.transport import *  # noqa: F403
     from topo.world import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -53,8 +54,12 @@ _LAZY_MODULES = (
     "topo.collectives",
     "topo.graphs",
     "topo.interop",
+    "topo.transport",
 )
 _EAGER_MODULES = ("topo.mesh", "topo.placement")
+#: Subpackages whose names stay in their namespace (``topo.transfer.send_weights``): loaded on
+#: first attribute access, like ``import topo.transfer``.
+_SUBPACKAGES = ("transfer",)
 
 
 def _public_names() -> dict[str, str]:
@@ -69,6 +74,8 @@ def _public_names() -> dict[str, str]:
 def __getattr__(name: str) -> Any:
     if name == "__all__":
         value: Any = sorted(_public_names())
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"topo.{name}")
     else:
         for module in _LAZY_MODULES:
             loaded = importlib.import_module(module)
@@ -82,4 +89,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_public_names()))
+    return sorted(set(globals()) | set(_public_names()) | set(_SUBPACKAGES))
