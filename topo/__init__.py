@@ -50,6 +50,8 @@ _LAZY_MODULES = (
     "topo.graphs",
 )
 _EAGER_MODULES = ("topo.mesh",)
+#: Submodules reached as attributes (``topo.autograd.copy_to``), not re-exported.
+_SUBMODULES = ("autograd",)
 
 
 def _public_names() -> dict[str, str]:
@@ -64,6 +66,8 @@ def _public_names() -> dict[str, str]:
 def __getattr__(name: str) -> Any:
     if name == "__all__":
         value: Any = sorted(_public_names())
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"topo.{name}")
     else:
         for module in _LAZY_MODULES:
             loaded = importlib.import_module(module)
