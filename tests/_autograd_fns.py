@@ -8,6 +8,7 @@ inputs (tests/test_autograd.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,3 +149,74 @@ def out_cases() -> dict[str, Any]:
 
 def everything() -> dict[str, Any]:
     return {"grads": grad_cases(), "mlp": tp_mlp(), "out": out_cases()}
+
+
+# ------------------------------------------------------------------ torch.compile (tp=2)
+
+#: Arguments of every op for opcheck, on an axis 'tp' of size 2 (x is (4, 6)).
+OPCHECK_ARGS: dict[str, Callable[[torch.Tensor], tuple[Any, ...]]] = {
+    "all_reduce": lambda x: (x, "tp", 2, "sum"),
+    "all_gather": lambda x: (x, "tp", 2, 1),
+    "reduce_scatter": lambda x: (x, "tp", 2, 0, "avg"),
+    "broadcast": lambda x: (x, "tp", 2, 1),
+    "reduce": lambda x: (x, "tp", 2, 0),
+    "scatter": lambda x: (x, "tp", 2, 0, 1),
+    "gather": lambda x: (x, "tp", 2, 1, 0),
+    "chunk": lambda x: (x, "tp", 2, 1),
+    "unchunk": lambda x: (x, "tp", 2, 1),
+    "all_to_all": lambda x: (x, "tp", 2, 0, 1),
+    "ppermute": lambda x: (x, "tp", 2, [0, 1, 1, 0]),
+}
+
+
+def model(
+    x: torch.Tensor, w: torch.Tensor, use: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Several collectives and two regions in one differentiable function, plus an all_reduce
+    whose result is ignored where ``use`` is false and a gather (``None`` off dst)."""
+    a = topo.all_reduce(x * w, "tp")
+    b = topo.all_gather(torch.sin(a), "tp", dim=0)  # (8, 6)
+    c = topo.reduce_scatter(b, "tp", dim=0)  # (4, 6)
+    d = topo.all_to_all(c, "tp", split_dim=0, concat_dim=1)  # (2, 12)
+    e = topo.shift(d, "tp", offset=1) + topo.broadcast(d, "tp", src=0)
+    f = topo.autograd.reduce_from(topo.autograd.copy_to(e, "tp") * 2.0, "tp")
+    loss = (f**2).sum()
+    ignored = topo.all_reduce(x.detach() + 1, "tp")  # must run even where unused
+    if use:
+        loss = loss + ignored.sum()
+    return loss, topo.gather(x.detach() * 2, "tp", dst=0)
+
+
+def compiled_checks() -> dict[str, Any]:
+    """torch.compile(fullgraph=True) of :func:`model` against eager on this rank, a compiled
+    collective whose result one rank ignores, a compiled gather, and opcheck of every op."""
+    rank = topo.current().world.rank
+    x = rank_input(rank, 1).float().requires_grad_(True)
+    w = rank_input(rank, 2).float().requires_grad_(True)
+    # rank 1 ignores one all_reduce's result; had its graph dropped it, rank 0 would time out
+    use = topo.axis_index("tp") == 0
+    eager, eager_gathered = model(x, w, use)
+    eager.backward()
+    eager_grads = (x.grad.clone(), w.grad.clone())  # type: ignore[union-attr]
+    x.grad = w.grad = None
+    started = time.perf_counter()
+    # inductor's peak-memory reordering (torch 2.13) ignores the effect-token order between
+    # independent collectives: turn it off for graphs with collectives (docs/compile.md)
+    options = {"reorder_for_peak_memory": False}
+    compiled, gathered = torch.compile(model, fullgraph=True, options=options)(x, w, use)
+    compiled.backward()
+    report: dict[str, Any] = {
+        "eager": (eager.detach(), *eager_grads, eager_gathered),
+        "compiled": (compiled.detach(), x.grad, w.grad, gathered),
+        "compile_s": time.perf_counter() - started,
+    }
+    started = time.perf_counter()
+    checked = []
+    for name, args in OPCHECK_ARGS.items():
+        torch.library.opcheck(
+            getattr(torch.ops.topo, name).default, args(rank_input(rank, 3).requires_grad_(True))
+        )
+        checked.append(name)
+    report["opcheck"] = checked
+    report["opcheck_s"] = time.perf_counter() - started
+    return report
