@@ -111,7 +111,7 @@ def compiled_vs_eager(blocks: int = 15, per_block: int = 100) -> dict[str, list[
     return _interleaved(fns, blocks, per_block)
 
 
-def large_out(reps: int = 9, nbytes: int = 64 << 20) -> dict[str, list[float]]:
+def large_out(reps: int = 15, nbytes: int = 64 << 20) -> dict[str, list[float]]:
     from topo.bench import _RawGroup
 
     raw = _RawGroup(topo.current(), ("tp",))
@@ -143,12 +143,20 @@ def _slowest(per_rank: list[dict[str, list[float]]], name: str) -> float:
     return statistics.median(max(r[name][i] for r in per_rank) for i in range(n))
 
 
+def _best(per_rank: list[dict[str, list[float]]], name: str) -> float:
+    n = len(per_rank[0][name])
+    return min(max(r[name][i] for r in per_rank) for i in range(n))
+
+
 def _lines(title: str, per_rank: list[dict[str, list[float]]], base: str, unit: float, u: str) -> None:
-    print(f"\n{title} (median of the slowest rank per repeat; ratio to {base!r})")
-    ref = _slowest(per_rank, base)
+    print(f"\n{title} (slowest rank per repeat; median and best repeat; ratios to {base!r})")
+    ref, ref_best = _slowest(per_rank, base), _best(per_rank, base)
     for name in per_rank[0]:
-        t = _slowest(per_rank, name)
-        print(f"  {name:<34} {t * unit:10.1f} {u}   ratio {t / ref:.3f}")
+        t, b = _slowest(per_rank, name), _best(per_rank, name)
+        print(
+            f"  {name:<34} median {t * unit:9.1f} {u} (ratio {t / ref:.3f})   "
+            f"best {b * unit:9.1f} {u} (ratio {b / ref_best:.3f})"
+        )
 
 
 def main() -> None:

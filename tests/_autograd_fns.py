@@ -8,6 +8,7 @@ inputs (tests/test_autograd.py).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,32 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("shift tp -1 wrap", "shift", {"axis": "tp", "offset": -1, "wrap": True}),
 ]
 
+
+def _random_cases(count: int, seed: int = 0) -> list[tuple[str, str, dict[str, Any]]]:
+    """Seeded random shapes (1-3 dims, sizes multiples of 4), dims and axes for the collectives
+    whose shapes depend on ``dim``; every rank and the parent build the same list."""
+    rng = random.Random(seed)
+    cases = []
+    for k in range(count):
+        shape = tuple(4 * rng.randint(1, 2) for _ in range(rng.randint(1, 3)))
+        axis = rng.choice(["tp", "dp", ("dp", "tp")])
+        dims = [rng.randrange(len(shape)) for _ in range(2)]
+        name = ("all_gather", "reduce_scatter", "all_to_all", "scatter")[k % 4]
+        kw: dict[str, Any] = {"axis": axis, "shape": shape}
+        if name == "all_to_all":
+            kw.update(split_dim=dims[0], concat_dim=dims[1])
+        else:
+            kw["dim"] = dims[0]
+        if name == "reduce_scatter":
+            kw["op"] = rng.choice(["sum", "avg"])
+        if name == "scatter":
+            kw["src"] = rng.randrange(4 if axis == ("dp", "tp") else 2)
+        cases.append((f"random {k} {name} {axis} {shape}", name, kw))
+    return cases
+
+
+CASES += _random_cases(8)
+
 #: Reductions without a gradient: the backward must raise NotDifferentiableError.
 NO_GRAD_CASES: list[tuple[str, dict[str, Any]]] = [
     ("all_reduce", {"axis": "tp", "op": "max"}),
@@ -48,9 +75,9 @@ NO_GRAD_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def rank_input(rank: int, case: int) -> torch.Tensor:
+def rank_input(rank: int, case: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * case + rank)
-    return torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
 def loss_weight(rank: int, case: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -67,8 +94,9 @@ def grad_cases() -> dict[str, Any]:
     """Every case of CASES on this rank: forward value and gradient of ``(y * w).sum()``."""
     rank = topo.current().world.rank
     report: dict[str, Any] = {}
-    for i, (case, name, kwargs) in enumerate(CASES):
-        x = rank_input(rank, i)
+    for i, (case, name, kw) in enumerate(CASES):
+        kwargs = {k: v for k, v in kw.items() if k != "shape"}
+        x = rank_input(rank, i, kw.get("shape", SHAPE))
         if name == "gather" and topo.axis_index(kwargs["axis"]) != kwargs["dst"]:
             report[case] = (_collective(name)(x, **kwargs), None)  # off dst: no grad asked
             continue

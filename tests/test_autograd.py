@@ -54,7 +54,8 @@ def _emulate(name: str, kw: dict[str, Any], xs: list[torch.Tensor], k: int) -> A
 
 
 def _reference(i: int, name: str, kw: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-    xs = [fns.rank_input(r, i).requires_grad_(True) for r in range(MESH.size)]
+    shape = kw.get("shape", fns.SHAPE)
+    xs = [fns.rank_input(r, i, shape).requires_grad_(True) for r in range(MESH.size)]
     ys = []
     for r in range(MESH.size):
         group = MESH.group(kw["axis"], r)

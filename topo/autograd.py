@@ -25,7 +25,7 @@ import torch
 
 from topo.collectives._common import check_dim, device_type, stack_chunks
 from topo.mesh import Axis
-from topo.ops._library import group_of
+from topo.ops._library import call, group_of
 
 __all__ = ["copy_to", "gather_from", "reduce_from", "scatter_to"]
 
@@ -44,7 +44,7 @@ class _CopyTo(torch.autograd.Function):
 class _ReduceFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, key: str, n: int) -> torch.Tensor:
-        result: torch.Tensor = torch.ops.topo.all_reduce(x, key, n, "sum")
+        result: torch.Tensor = call("all_reduce", x, key, n, "sum")
         return result
 
     @staticmethod
@@ -56,7 +56,7 @@ class _ScatterTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, key: str, n: int, dim: int) -> torch.Tensor:
         ctx.key, ctx.n, ctx.dim = key, n, dim
-        result: torch.Tensor = torch.ops.topo.chunk(x, key, n, dim)
+        result: torch.Tensor = call("chunk", x, key, n, dim)
         return result
 
     @staticmethod
@@ -68,7 +68,7 @@ class _GatherFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, key: str, n: int, dim: int) -> torch.Tensor:
         ctx.key, ctx.n, ctx.dim = key, n, dim
-        result: torch.Tensor = torch.ops.topo.all_gather(x, key, n, dim)
+        result: torch.Tensor = call("all_gather", x, key, n, dim)
         return result
 
     @staticmethod

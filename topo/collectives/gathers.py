@@ -15,7 +15,7 @@ from topo.collectives._common import (
 from topo.context import find_context
 from topo.errors import NotDifferentiableError
 from topo.mesh import Axis
-from topo.ops._library import group_of, needs_op
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["all_gather", "all_to_all", "gather"]
 
@@ -65,7 +65,7 @@ def _all_gather_op(
     key, n, _ = group_of(axis, "all_gather")
     device_type(x, "all_gather")
     d = check_dim(x, dim, "all_gather")
-    y: torch.Tensor = torch.ops.topo.all_gather(x, key, n, d)
+    y: torch.Tensor = call("all_gather", x, key, n, d)
     if out is None:
         return y
     check_out(out, x, y.shape, "all_gather")
@@ -103,7 +103,7 @@ def _gather_op(x: torch.Tensor, axis: Axis, dst: int, dim: int) -> torch.Tensor 
     device_type(x, "gather")
     d = check_dim(x, dim, "gather")
     root = check_index(dst, n, "gather", "dst", axis)
-    y: torch.Tensor = torch.ops.topo.gather(x, key, n, root, d)
+    y: torch.Tensor = call("gather", x, key, n, root, d)
     if index == root:
         return y
     if x.requires_grad and torch.is_grad_enabled():
@@ -140,7 +140,7 @@ def all_to_all(
     if needs_op(x):
         if x.shape[sd] % n:
             stack_chunks(x, sd, n, "all_to_all", axis)  # raises the divisibility error
-        result: torch.Tensor = torch.ops.topo.all_to_all(x, key, n, sd, cd)
+        result: torch.Tensor = call("all_to_all", x, key, n, sd, cd)
         return result
     stacked = stack_chunks(x, sd, n, "all_to_all", axis)
     # With n == 1 a contiguous x's chunks are a view of x: copy them.

@@ -7,7 +7,7 @@ import torch
 from topo.collectives._common import check_dim, check_index, device_type, stack_chunks
 from topo.context import find_context
 from topo.mesh import Axis
-from topo.ops._library import group_of, needs_op
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["broadcast", "scatter"]
 
@@ -27,7 +27,7 @@ def broadcast(x: torch.Tensor, axis: Axis, src: int = 0) -> torch.Tensor:
         key, n, _ = group_of(axis, "broadcast")
         device_type(x, "broadcast")
         root = check_index(src, n, "broadcast", "src", axis)
-        result: torch.Tensor = torch.ops.topo.broadcast(x, key, n, root)
+        result: torch.Tensor = call("broadcast", x, key, n, root)
         return result
     ctx, names, n = find_context(axis, "broadcast")
     device = device_type(x, "broadcast")
@@ -57,7 +57,7 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
         root = check_index(src, n, "scatter", "src", axis)
         if x.shape[d] % n:
             stack_chunks(x, d, n, "scatter", axis)  # raises the divisibility error
-        result: torch.Tensor = torch.ops.topo.scatter(x, key, n, root, d)
+        result: torch.Tensor = call("scatter", x, key, n, root, d)
         return result
     ctx, names, n = find_context(axis, "scatter")
     device = device_type(x, "scatter")

@@ -11,7 +11,7 @@ from topo.collectives._common import check_index, check_tensor, device_type
 from topo.context import MeshContext, find_context
 from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import Axis
-from topo.ops._library import group_of, needs_op
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["ppermute", "recv", "send", "shift"]
 
@@ -171,7 +171,7 @@ def shift(x: torch.Tensor, axis: Axis, offset: int = 1, wrap: bool = True) -> to
 
 def _ppermute_op(x: torch.Tensor, key: str, n: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """ppermute through ``torch.ops.topo.ppermute``: autograd and torch.compile."""
-    y: torch.Tensor = torch.ops.topo.ppermute(x, key, n, [i for pair in pairs for i in pair])
+    y: torch.Tensor = call("ppermute", x, key, n, [i for pair in pairs for i in pair])
     return y
 
 

@@ -14,7 +14,7 @@ from topo.collectives._common import (
 from topo.communicators.base import ReduceOp
 from topo.context import find_context
 from topo.mesh import Axis
-from topo.ops._library import group_of, needs_op
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["all_reduce", "reduce_scatter"]
 
@@ -62,7 +62,7 @@ def _all_reduce_op(
     """all_reduce through ``torch.ops.topo.all_reduce``: autograd and torch.compile."""
     key, n, _ = group_of(axis, "all_reduce")
     check_reduce(x, op, "all_reduce", device_type(x, "all_reduce"))
-    y: torch.Tensor = torch.ops.topo.all_reduce(x, key, n, op)
+    y: torch.Tensor = call("all_reduce", x, key, n, op)
     if out is None:
         return y
     check_out(out, x, x.shape, "all_reduce")
@@ -110,7 +110,7 @@ def _reduce_scatter_op(
     d = check_dim(x, dim, "reduce_scatter")
     if x.shape[d] % n:
         stack_chunks(x, d, n, "reduce_scatter", axis)  # raises the divisibility error
-    y: torch.Tensor = torch.ops.topo.reduce_scatter(x, key, n, d, op)
+    y: torch.Tensor = call("reduce_scatter", x, key, n, d, op)
     if out is None:
         return y
     check_out(out, x, y.shape, "reduce_scatter")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import concat_chunks
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
 
@@ -39,5 +39,5 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return dx, None, None, None
 
 
-all_gather.register_autograd(_backward, setup_context=_setup)
+register_autograd(all_gather, _backward, _setup)
 mark_side_effects(torch.ops.topo.all_gather.default)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 from topo.ops.no_grad import reduce_op_backward
 
 __all__: list[str] = []
@@ -39,5 +39,5 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return torch.ops.topo.all_reduce(g, ctx.group, ctx.n, ctx.op), None, None, None
 
 
-all_reduce.register_autograd(_backward, setup_context=_setup)
+register_autograd(all_reduce, _backward, _setup)
 mark_side_effects(torch.ops.topo.all_reduce.default)

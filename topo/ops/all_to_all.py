@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import concat_chunks, stack_chunks
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
 
@@ -43,5 +43,5 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return dx, None, None, None, None
 
 
-all_to_all.register_autograd(_backward, setup_context=_setup)
+register_autograd(all_to_all, _backward, _setup)
 mark_side_effects(torch.ops.topo.all_to_all.default)

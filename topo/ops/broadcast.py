@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
 
@@ -51,7 +51,7 @@ def _reduce_backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ..
 
 broadcast.register_fake(_fake)
 reduce.register_fake(_fake)
-broadcast.register_autograd(_broadcast_backward, setup_context=_setup)
-reduce.register_autograd(_reduce_backward, setup_context=_setup)
+register_autograd(broadcast, _broadcast_backward, _setup)
+register_autograd(reduce, _reduce_backward, _setup)
 mark_side_effects(torch.ops.topo.broadcast.default)
 mark_side_effects(torch.ops.topo.reduce.default)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import concat_chunks
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
 
@@ -92,7 +92,7 @@ def _unchunk_backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, .
     return torch.ops.topo.chunk(g, ctx.group, ctx.n, ctx.dim), None, None, None
 
 
-gather.register_autograd(_gather_backward, setup_context=_gather_setup)
-chunk.register_autograd(_chunk_backward, setup_context=_chunk_setup)
-unchunk.register_autograd(_unchunk_backward, setup_context=_chunk_setup)
+register_autograd(gather, _gather_backward, _gather_setup)
+register_autograd(chunk, _chunk_backward, _chunk_setup)
+register_autograd(unchunk, _unchunk_backward, _chunk_setup)
 mark_side_effects(torch.ops.topo.gather.default)

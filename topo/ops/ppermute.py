@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
 
@@ -49,5 +49,5 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return torch.ops.topo.ppermute(g, ctx.group, ctx.n, ctx.inverse), None, None, None
 
 
-ppermute.register_autograd(_backward, setup_context=_setup)
+register_autograd(ppermute, _backward, _setup)
 mark_side_effects(torch.ops.topo.ppermute.default)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import stack_chunks
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 from topo.ops.no_grad import reduce_op_backward
 
 __all__: list[str] = []
@@ -46,5 +46,5 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return dx, None, None, None, None
 
 
-reduce_scatter.register_autograd(_backward, setup_context=_setup)
+register_autograd(reduce_scatter, _backward, _setup)
 mark_side_effects(torch.ops.topo.reduce_scatter.default)

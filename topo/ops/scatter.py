@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import stack_chunks
-from topo.ops._library import define, live, mark_side_effects
+from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
 
@@ -41,5 +41,5 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return dx, None, None, None, None
 
 
-scatter.register_autograd(_backward, setup_context=_setup)
+register_autograd(scatter, _backward, _setup)
 mark_side_effects(torch.ops.topo.scatter.default)
