@@ -2,7 +2,8 @@
 
 1. topo's per-call layer cost of a no-grad ``all_reduce`` (context lookup, checks, dispatch)
    with a stub communicator, so communication noise stays out; run this file once on the
-   commit before the change and once after (``--layer-only`` works on both) to compare;
+   commit before the change and once after to compare (``--layer-only`` runs on both: the
+   layer cost and the no-grad 4-byte all_reduce against the raw call);
 2. 4-byte ``all_reduce`` over gloo: no grad vs an input that requires grad (forward only, and
    forward + backward), vs the raw ProcessGroupGloo call;
 3. a small function (all_reduce, all_gather, a few pointwise ops) under torch.compile vs eager;
@@ -72,7 +73,9 @@ def _interleaved(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int)
     return out
 
 
-def small_calls(blocks: int = 15, per_block: int = 200) -> dict[str, list[float]]:
+def small_calls(
+    blocks: int = 15, per_block: int = 200, no_grad_only: bool = False
+) -> dict[str, list[float]]:
     from topo.bench import _RawGroup
 
     raw = _RawGroup(topo.current(), ("tp",))
@@ -90,6 +93,8 @@ def small_calls(blocks: int = 15, per_block: int = 200) -> dict[str, list[float]
         "requires grad, forward": lambda: topo.all_reduce(xg, axis="tp"),
         "requires grad, forward+backward": fwd_bwd,
     }
+    if no_grad_only:
+        fns = {name: fns[name] for name in ("raw", "no grad")}
     for fn in fns.values():
         for _ in range(50):
             fn()
@@ -131,7 +136,9 @@ def large_out(reps: int = 15, nbytes: int = 64 << 20) -> dict[str, list[float]]:
 
 def everything(layer_only: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"layer": layer_cost()}
-    if not layer_only:
+    if layer_only:
+        result["small"] = small_calls(blocks=21, no_grad_only=True)
+    else:
         result["small"] = small_calls()
         result["compiled"] = compiled_vs_eager()
         result["large"] = large_out()
@@ -169,9 +176,9 @@ def main() -> None:
         f"median {statistics.median(r['median'] for r in layer) * 1e6:.2f} us, "
         f"best {min(r['best'] for r in layer) * 1e6:.2f} us per call"
     )
+    _lines("4-byte all_reduce", [r["small"] for r in results], "raw", 1e6, "us")
     if layer_only:
         return
-    _lines("4-byte all_reduce", [r["small"] for r in results], "raw", 1e6, "us")
     _lines("small function, torch.compile vs eager", [r["compiled"] for r in results], "eager", 1e6, "us")
     _lines("64 MiB all_reduce", [r["large"] for r in results], "raw in place", 1e3, "ms")
 
