@@ -57,9 +57,9 @@ _LAZY_MODULES = (
     "topo.transport",
 )
 _EAGER_MODULES = ("topo.mesh", "topo.placement")
-#: Subpackages whose names stay in their namespace (``topo.transfer.send_weights``): loaded on
-#: first attribute access, like ``import topo.transfer``.
-_SUBPACKAGES = ("transfer",)
+#: Subpackages and submodules reached as attributes, their names not re-exported
+#: (``topo.transfer.send_weights``, ``topo.autograd.copy_to``): loaded on first access.
+_SUBMODULES = ("autograd", "transfer")
 
 
 def _public_names() -> dict[str, str]:
@@ -74,7 +74,7 @@ def _public_names() -> dict[str, str]:
 def __getattr__(name: str) -> Any:
     if name == "__all__":
         value: Any = sorted(_public_names())
-    elif name in _SUBPACKAGES:
+    elif name in _SUBMODULES:
         value = importlib.import_module(f"topo.{name}")
     else:
         for module in _LAZY_MODULES:
@@ -89,4 +89,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_public_names()) | set(_SUBPACKAGES))
+    return sorted(set(globals()) | set(_public_names()) | set(_SUBMODULES))

@@ -22,6 +22,7 @@ __all__ = [
     "CommunicationError",
     "CommunicationTimeout",
     "NoActiveMeshError",
+    "NotDifferentiableError",
     "PortInUseError",
     "RankFailedError",
     "RendezvousError",
@@ -207,6 +208,20 @@ class NoActiveMeshError(TopoError, RuntimeError):
             topo.all_reduce(x, axis="tp")   # outside `with mesh.activate():`
         except topo.NoActiveMeshError as error:
             print(error)
+    """
+
+
+class NotDifferentiableError(TopoError, RuntimeError):
+    """A gradient was asked of a collective that has none topo can compute correctly
+    (``max``/``min``/``prod`` reductions, or :func:`topo.gather` off its ``dst``).
+
+    Example::
+
+        y = topo.all_reduce(x, axis="tp", op="max")
+        try:
+            y.sum().backward()
+        except topo.NotDifferentiableError as error:
+            print(error)   # ... op='max' has no gradient in topo; ...
     """
 
 

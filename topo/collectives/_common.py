@@ -143,3 +143,33 @@ def concat_chunks(stacked: torch.Tensor, dim: int) -> torch.Tensor:
     if dim == 0:
         return stacked.reshape(shape)
     return stacked.movedim(0, dim).reshape(shape)
+
+
+def check_out(
+    out: object, x: torch.Tensor, shape: tuple[int, ...] | torch.Size, operation: str
+) -> torch.Tensor:
+    """``out`` if it can hold the result (``shape``, ``x``'s dtype and device) and need not be
+    differentiated; else a TypeError/ValueError naming what was required and got."""
+    if not isinstance(out, torch.Tensor):
+        raise TopoTypeError(
+            f"topo.{operation} out requires a torch.Tensor (or None), but got "
+            f"{type(out).__name__}"
+        )
+    if out.dtype != x.dtype or out.device != x.device:
+        raise TopoTypeError(
+            f"topo.{operation} out requires x's dtype and device ({x.dtype}, {x.device}), but "
+            f"got {out.dtype} on {out.device}; allocate it with x.new_empty(shape)"
+        )
+    if tuple(out.shape) != tuple(shape):
+        raise TopoValueError(
+            f"topo.{operation} out requires the result's shape {tuple(shape)}, but got "
+            f"{tuple(out.shape)}"
+        )
+    if (out.requires_grad or x.requires_grad) and torch.is_grad_enabled():
+        raise TopoValueError(
+            f"topo.{operation} out requires tensors that need no gradient (like torch's out= "
+            f"arguments, it does not support autograd), but "
+            f"{'out' if out.requires_grad else 'x'} requires grad; drop out= (use the returned "
+            f"tensor) or run under torch.no_grad()"
+        )
+    return out

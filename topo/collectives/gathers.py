@@ -7,20 +7,27 @@ import torch
 from topo.collectives._common import (
     check_dim,
     check_index,
+    check_out,
     concat_chunks,
     device_type,
     stack_chunks,
 )
 from topo.context import find_context
+from topo.errors import NotDifferentiableError
 from topo.mesh import Axis
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["all_gather", "all_to_all", "gather"]
 
 
-def all_gather(x: torch.Tensor, axis: Axis, dim: int = 0) -> torch.Tensor:
+def all_gather(
+    x: torch.Tensor, axis: Axis, dim: int = 0, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim``, in axis-index order, on every rank.
 
     Every rank passes the same shape; the result has ``n`` times ``x.shape[dim]`` there.
+    With ``out`` (the result's shape, ``x``'s dtype and device) the result is written there
+    and returned. Differentiable: the backward is a reduce_scatter of the cotangent.
 
     Example::
 
@@ -28,25 +35,59 @@ def all_gather(x: torch.Tensor, axis: Axis, dim: int = 0) -> torch.Tensor:
             y = topo.all_gather(torch.tensor([topo.axis_index("tp")]), axis="tp")
             # tensor([0, 1]) on both ranks
     """
+    if needs_op(x):
+        return _all_gather_op(x, axis, dim, out)
     ctx, names, n = find_context(axis, "all_gather")
     device = device_type(x, "all_gather")
     d = check_dim(x, dim, "all_gather")
+    if out is not None:
+        shape = list(x.shape)
+        shape[d] *= n
+        check_out(out, x, tuple(shape), "all_gather")
+        if n == 1:
+            return out.copy_(x)
+        comm = ctx.communicator(names, device)
+        into = getattr(comm, "all_gather_into", None)
+        if into is not None and d == 0 and out.is_contiguous():
+            into(x.contiguous(), out.view(n, *x.shape))
+            return out
+        return out.copy_(concat_chunks(comm.all_gather(x.contiguous()), d))
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
     stacked = ctx.communicator(names, device).all_gather(x.contiguous())
     return concat_chunks(stacked, d)
 
 
+def _all_gather_op(
+    x: torch.Tensor, axis: Axis, dim: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    """all_gather through ``torch.ops.topo.all_gather``: autograd and torch.compile."""
+    key, n, _ = group_of(axis, "all_gather")
+    device_type(x, "all_gather")
+    d = check_dim(x, dim, "all_gather")
+    y: torch.Tensor = call("all_gather", x, key, n, d)
+    if out is None:
+        return y
+    check_out(out, x, y.shape, "all_gather")
+    return out.copy_(y)
+
+
 def gather(x: torch.Tensor, axis: Axis, dst: int = 0, dim: int = 0) -> torch.Tensor | None:
     """Like :func:`all_gather`, but only index ``dst`` of the axis gets the result.
 
-    Returns the concatenation on ``dst`` and ``None`` on the other ranks.
+    Returns the concatenation on ``dst`` and ``None`` on the other ranks. Differentiable on
+    ``dst`` (its ``x`` gets its own slice of the cotangent); off ``dst``, where there is no
+    result to differentiate, an ``x`` that requires grad raises
+    :class:`~topo.errors.NotDifferentiableError` (after taking part in the gather) — use
+    :func:`all_gather` or ``x.detach()`` there.
 
     Example::
 
         with DeviceMesh(pp=4).activate():
             y = topo.gather(torch.ones(2), axis="pp", dst=3)   # shape (8,) on index 3 only
     """
+    if needs_op(x):
+        return _gather_op(x, axis, dst, dim)
     ctx, names, n = find_context(axis, "gather")
     device = device_type(x, "gather")
     d = check_dim(x, dim, "gather")
@@ -57,11 +98,31 @@ def gather(x: torch.Tensor, axis: Axis, dst: int = 0, dim: int = 0) -> torch.Ten
     return None if stacked is None else concat_chunks(stacked, d)
 
 
+def _gather_op(x: torch.Tensor, axis: Axis, dst: int, dim: int) -> torch.Tensor | None:
+    key, n, index = group_of(axis, "gather")
+    device_type(x, "gather")
+    d = check_dim(x, dim, "gather")
+    root = check_index(dst, n, "gather", "dst", axis)
+    y: torch.Tensor = call("gather", x, key, n, root, d)
+    if index == root:
+        return y
+    if x.requires_grad and torch.is_grad_enabled():
+        raise NotDifferentiableError(
+            f"topo.gather requires an x that needs no gradient off dst (index {root} of axis "
+            f"{axis!r}), because only dst gets a result to differentiate, but this rank (index "
+            f"{index}) passed an x that requires grad; pass x.detach() here, or use "
+            f"topo.all_gather, whose backward reaches every rank"
+        )
+    return None
+
+
 def all_to_all(
     x: torch.Tensor, axis: Axis, split_dim: int = 0, concat_dim: int = 0
 ) -> torch.Tensor:
     """Split ``x`` into ``n`` chunks along ``split_dim``, send chunk ``j`` to index ``j``, and
     concatenate the chunks received (in index order) along ``concat_dim``.
+
+    Differentiable: the backward is the all_to_all with the two dims swapped.
 
     Example::
 
@@ -69,10 +130,18 @@ def all_to_all(
             # index i holds [10*i, 10*i + 1]; afterwards index j holds [j, 10 + j]
             y = topo.all_to_all(torch.tensor([0, 1]) + 10 * topo.axis_index("ep"), axis="ep")
     """
-    ctx, names, n = find_context(axis, "all_to_all")
+    if needs_op(x):
+        key, n, _ = group_of(axis, "all_to_all")
+    else:
+        ctx, names, n = find_context(axis, "all_to_all")
     device = device_type(x, "all_to_all")
     sd = check_dim(x, split_dim, "all_to_all", "split_dim")
     cd = check_dim(x, concat_dim, "all_to_all", "concat_dim")
+    if needs_op(x):
+        if x.shape[sd] % n:
+            stack_chunks(x, sd, n, "all_to_all", axis)  # raises the divisibility error
+        result: torch.Tensor = call("all_to_all", x, key, n, sd, cd)
+        return result
     stacked = stack_chunks(x, sd, n, "all_to_all", axis)
     # With n == 1 a contiguous x's chunks are a view of x: copy them.
     stacked = ctx.communicator(names, device).all_to_all(stacked) if n > 1 else stacked.clone()

@@ -7,6 +7,7 @@ import torch
 from topo.collectives._common import check_dim, check_index, device_type, stack_chunks
 from topo.context import find_context
 from topo.mesh import Axis
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["broadcast", "scatter"]
 
@@ -15,12 +16,19 @@ def broadcast(x: torch.Tensor, axis: Axis, src: int = 0) -> torch.Tensor:
     """Every rank of ``axis`` gets index ``src``'s ``x`` (``src`` is an index within the axis).
 
     Every rank passes a tensor of the same shape and dtype; only ``src``'s values are used.
+    Differentiable: ``src``'s ``x`` gets the sum of every rank's cotangent, the others zeros.
 
     Example::
 
         with DeviceMesh(dp=2, tp=2).activate():
             w = topo.broadcast(weights, axis="dp", src=0)
     """
+    if needs_op(x):
+        key, n, _ = group_of(axis, "broadcast")
+        device_type(x, "broadcast")
+        root = check_index(src, n, "broadcast", "src", axis)
+        result: torch.Tensor = call("broadcast", x, key, n, root)
+        return result
     ctx, names, n = find_context(axis, "broadcast")
     device = device_type(x, "broadcast")
     root = check_index(src, n, "broadcast", "src", axis)
@@ -33,7 +41,8 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
     """Split index ``src``'s ``x`` into ``n`` chunks along ``dim``; index ``i`` gets chunk ``i``.
 
     Every rank passes a tensor of the same shape and dtype; only ``src``'s values are used.
-    ``x.shape[dim]`` must be divisible by the axis size.
+    ``x.shape[dim]`` must be divisible by the axis size. Differentiable: ``src``'s ``x`` gets
+    every index's cotangent gathered back in place, the others zeros.
 
     Example::
 
@@ -41,6 +50,15 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
             y = topo.scatter(torch.arange(4), axis="tp", src=1)
             # index 0: tensor([0, 1]); index 1: tensor([2, 3])
     """
+    if needs_op(x):
+        key, n, _ = group_of(axis, "scatter")
+        device_type(x, "scatter")
+        d = check_dim(x, dim, "scatter")
+        root = check_index(src, n, "scatter", "src", axis)
+        if x.shape[d] % n:
+            stack_chunks(x, d, n, "scatter", axis)  # raises the divisibility error
+        result: torch.Tensor = call("scatter", x, key, n, root, d)
+        return result
     ctx, names, n = find_context(axis, "scatter")
     device = device_type(x, "scatter")
     d = check_dim(x, dim, "scatter")

@@ -12,6 +12,7 @@ from topo.communicators.base import Communicator
 from topo.context import MeshContext, find_context
 from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import Axis
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["ppermute", "recv", "send", "shift"]
 
@@ -126,6 +127,7 @@ def ppermute(x: torch.Tensor, axis: Axis, perm: Sequence[tuple[int, int]]) -> to
     """Send ``x`` along the ``(src, dst)`` index pairs of ``perm`` (JAX semantics).
 
     Index ``dst`` gets ``src``'s ``x``; an index that is no pair's destination gets zeros.
+    Differentiable: the backward is the ppermute of the cotangent by the inverse pairs.
 
     Example::
 
@@ -133,6 +135,10 @@ def ppermute(x: torch.Tensor, axis: Axis, perm: Sequence[tuple[int, int]]) -> to
             # a ring: index i gets index i-1's x
             y = topo.ppermute(x, axis="pp", perm=[(i, (i + 1) % 4) for i in range(4)])
     """
+    if needs_op(x):
+        key, n, _ = group_of(axis, "ppermute")
+        check_tensor(x, "ppermute")
+        return _ppermute_op(x, key, n, _check_perm(perm, n, axis))
     ctx, names, n = find_context(axis, "ppermute")
     check_tensor(x, "ppermute")
     pairs = _check_perm(perm, n, axis)
@@ -147,13 +153,21 @@ def shift(x: torch.Tensor, axis: Axis, offset: int = 1, wrap: bool = True) -> to
 
     The pipeline pattern: with ``offset=1`` index ``i`` sends to ``i+1`` and receives from
     ``i-1``. With ``wrap=False`` the first ``offset`` indices receive zeros and the last
-    ``offset`` send nothing.
+    ``offset`` send nothing. Differentiable: the backward shifts the cotangent by ``-offset``.
 
     Example::
 
         with DeviceMesh(pp=4).activate():
             inputs = topo.shift(outputs, axis="pp", offset=1, wrap=False)
     """
+    if needs_op(x):
+        key, n, _ = group_of(axis, "shift")
+        check_tensor(x, "shift")
+        offset = as_int(offset, "topo.shift offset")
+        wrap = as_bool(wrap, "topo.shift wrap")
+        targets = [(i, i + offset) for i in range(n)]
+        pairs = [(i, j % n) for i, j in targets] if wrap else [p for p in targets if 0 <= p[1] < n]
+        return _ppermute_op(x, key, n, pairs)
     ctx, names, n = find_context(axis, "shift")
     check_tensor(x, "shift")
     offset = as_int(offset, "topo.shift offset")
@@ -167,6 +181,12 @@ def shift(x: torch.Tensor, axis: Axis, offset: int = 1, wrap: bool = True) -> to
         dst = dst if 0 <= dst < n else None  # type: ignore[operator]
         src = src if 0 <= src < n else None  # type: ignore[operator]
     return _move(ctx, names, n, x, dst, src)
+
+
+def _ppermute_op(x: torch.Tensor, key: str, n: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """ppermute through ``torch.ops.topo.ppermute``: autograd and torch.compile."""
+    y: torch.Tensor = call("ppermute", x, key, n, [i for pair in pairs for i in pair])
+    return y
 
 
 def _move(

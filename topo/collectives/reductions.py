@@ -6,6 +6,7 @@ import torch
 
 from topo.collectives._common import (
     check_dim,
+    check_out,
     check_reduce,
     device_type,
     stack_chunks,
@@ -13,35 +14,74 @@ from topo.collectives._common import (
 from topo.communicators.base import ReduceOp
 from topo.context import find_context
 from topo.mesh import Axis
+from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["all_reduce", "reduce_scatter"]
 
 
-def all_reduce(x: torch.Tensor, axis: Axis, op: ReduceOp = "sum") -> torch.Tensor:
+def all_reduce(
+    x: torch.Tensor, axis: Axis, op: ReduceOp = "sum", *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reduce ``x`` element-wise over the ranks of ``axis``; every rank gets the result.
 
     ``op`` is one of ``"sum"``, ``"avg"`` (floating dtypes), ``"max"``, ``"min"``,
     ``"prod"``. Returns a new tensor with ``x``'s shape and dtype; ``x`` is not modified.
+    With ``out`` (same shape, dtype and device as ``x``; ``out=x`` reduces in place) the result
+    is written there and ``out`` is returned. Differentiable for ``"sum"``/``"avg"`` (backward:
+    the same all_reduce of the cotangent; see docs/autograd.md).
 
     Example::
 
         with DeviceMesh(dp=2, tp=2).activate():
             y = topo.all_reduce(torch.ones(3), axis="tp")   # tensor([2., 2., 2.])
+            topo.all_reduce(grads, axis="dp", op="avg", out=grads)   # in place
     """
+    if needs_op(x):
+        return _all_reduce_op(x, axis, op, out)
     ctx, names, n = find_context(axis, "all_reduce")
     device = device_type(x, "all_reduce")
     check_reduce(x, op, "all_reduce", ctx.backend(device))
+    if out is not None:
+        check_out(out, x, x.shape, "all_reduce")
+        if n == 1:
+            return out if out is x else out.copy_(x)
+        comm = ctx.communicator(names, device)
+        into = getattr(comm, "all_reduce_into", None)
+        if into is not None and out.is_contiguous() and x.is_contiguous():
+            return into(x, op, out)  # type: ignore[no-any-return]
+        return out.copy_(comm.all_reduce(x.contiguous(), op))
     if n == 1:
         return x.clone()
     comm = ctx.communicator(names, device)
     return comm.all_reduce(x if x.is_contiguous() else x.contiguous(), op)
 
 
-def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, op: ReduceOp = "sum") -> torch.Tensor:
+def _all_reduce_op(
+    x: torch.Tensor, axis: Axis, op: ReduceOp, out: torch.Tensor | None
+) -> torch.Tensor:
+    """all_reduce through ``torch.ops.topo.all_reduce``: autograd and torch.compile."""
+    key, n, _ = group_of(axis, "all_reduce")
+    check_reduce(x, op, "all_reduce", device_type(x, "all_reduce"))
+    y: torch.Tensor = call("all_reduce", x, key, n, op)
+    if out is None:
+        return y
+    check_out(out, x, x.shape, "all_reduce")
+    return out.copy_(y)
+
+
+def reduce_scatter(
+    x: torch.Tensor,
+    axis: Axis,
+    dim: int = 0,
+    op: ReduceOp = "sum",
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reduce ``x`` over ``axis``, then give index ``i`` the ``i``-th chunk along ``dim``.
 
     ``x.shape[dim]`` must be divisible by the axis size ``n``; the result has
-    ``x.shape[dim] // n`` there. The adjoint of :func:`all_gather`.
+    ``x.shape[dim] // n`` there. The adjoint of :func:`all_gather` (its backward is an
+    all_gather of the cotangent). With ``out`` the result is written there and returned.
 
     Example::
 
@@ -49,11 +89,29 @@ def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, op: ReduceOp = "su
             y = topo.reduce_scatter(torch.arange(4.0), axis="tp")
             # index 0: tensor([0., 2.]); index 1: tensor([4., 6.])
     """
+    if needs_op(x):
+        return _reduce_scatter_op(x, axis, dim, op, out)
     ctx, names, n = find_context(axis, "reduce_scatter")
     device = device_type(x, "reduce_scatter")
     check_reduce(x, op, "reduce_scatter", ctx.backend(device))
     d = check_dim(x, dim, "reduce_scatter")
     stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
-    if n == 1:
-        return stacked[0].clone()
-    return ctx.communicator(names, device).reduce_scatter(stacked, op)
+    if out is not None:
+        check_out(out, x, stacked.shape[1:], "reduce_scatter")
+    y = stacked[0].clone() if n == 1 else ctx.communicator(names, device).reduce_scatter(stacked, op)
+    return y if out is None else out.copy_(y)
+
+
+def _reduce_scatter_op(
+    x: torch.Tensor, axis: Axis, dim: int, op: ReduceOp, out: torch.Tensor | None
+) -> torch.Tensor:
+    key, n, _ = group_of(axis, "reduce_scatter")
+    check_reduce(x, op, "reduce_scatter", device_type(x, "reduce_scatter"))
+    d = check_dim(x, dim, "reduce_scatter")
+    if x.shape[d] % n:
+        stack_chunks(x, d, n, "reduce_scatter", axis)  # raises the divisibility error
+    y: torch.Tensor = call("reduce_scatter", x, key, n, d, op)
+    if out is None:
+        return y
+    check_out(out, x, y.shape, "reduce_scatter")
+    return out.copy_(y)

@@ -130,15 +130,23 @@ class GlooCommunicator:
     # ------------------------------------------------------------- collectives
 
     def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        y = self.buffers.empty_like(x)
-        y.copy_(x)
-        self._run("all_reduce", lambda: self.pg.allreduce([y], self._reduce_options[op]))
+        return self.all_reduce_into(x, op, self.buffers.empty_like(x))
+
+    def all_reduce_into(self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`all_reduce` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
+        ``x`` itself): no allocation, the caller's memory goes to gloo directly."""
+        if out is not x:
+            out.copy_(x)
+        self._run("all_reduce", lambda: self.pg.allreduce([out], self._reduce_options[op]))
         if op == "avg":
-            y /= self.size
-        return y
+            out /= self.size
+        return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.buffers.empty((self.size, *x.shape), x.dtype)
+        return self.all_gather_into(x, self.buffers.empty((self.size, *x.shape), x.dtype))
+
+    def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`all_gather` written into ``out`` (contiguous, ``(size, *x.shape)``)."""
         moved, src = _as_bytes(out), _as_bytes(x)
         self._run("all_gather", lambda: self.pg.allgather([list(moved.unbind(0))], [src]))
         return out
