@@ -216,12 +216,8 @@ class MeshContext:
 
             comm = ctx.communicator(("tp",), "cpu")
         """
-        key = (names, device_type)
-        comm = self._communicators.get(key)
-        if comm is None:
-            comm = self._create(names, device_type, None)
-            self._communicators[key] = comm
-        return comm
+        comm = self._communicators.get((names, device_type, None))
+        return comm if comm is not None else self._cached(names, device_type, None)
 
     def pair_communicator(
         self, names: tuple[str, ...], peer: int, device_type: str
@@ -236,11 +232,14 @@ class MeshContext:
         """
         me = self.mesh.axis_index(names, self.rank)
         pair = (min(me, peer), max(me, peer))
-        key = (names, device_type, pair)
-        comm = self._communicators.get(key)
-        if comm is None:
-            comm = self._create(names, device_type, pair)
-            self._communicators[key] = comm
+        comm = self._communicators.get((names, device_type, pair))
+        return comm if comm is not None else self._cached(names, device_type, pair)
+
+    def _cached(
+        self, names: tuple[str, ...], device_type: str, pair: tuple[int, int] | None
+    ) -> Communicator:
+        comm = self._create(names, device_type, pair)
+        self._communicators[(names, device_type, pair)] = comm
         return comm
 
     def _create(

@@ -124,6 +124,25 @@ def check_index(value: object, size: int, operation: str, name: str, axis: objec
     return i
 
 
+def check_peer(
+    peer: object, n: int, me: int, operation: str, name: str, axis: object
+) -> int:
+    """A point-to-point peer (``dst``/``src``): an index within the axis group, and another
+    than this rank's own index ``me``.
+
+    Example::
+
+        dst = check_peer(1, 2, 0, "send", "dst", "pp")   # 1
+    """
+    index = check_index(peer, n, operation, name, axis)
+    if index == me:
+        raise TopoValueError(
+            f"topo.{operation} {name} requires another index than this rank's own ({me}) along "
+            f"axis {axis!r}, but got {index}"
+        )
+    return index
+
+
 def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object) -> torch.Tensor:
     """Split ``x`` into ``n`` equal chunks along ``dim``, stacked on a new contiguous dim 0."""
     length = x.shape[dim]

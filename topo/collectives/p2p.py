@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from topo._checks import as_bool, as_int
-from topo.collectives._common import check_index, check_tensor, device_type
+from topo.collectives._common import check_index, check_peer, check_tensor, device_type
 from topo.communicators.base import Communicator
 from topo.context import MeshContext, find_context
 from topo.errors import TopoTypeError, TopoValueError
@@ -29,13 +29,7 @@ def _pair(
 ) -> Communicator:
     """The two-rank communicator between this rank and index ``peer`` of its group (checked:
     an index within the axis, and another than this rank's own)."""
-    index = check_index(peer, n, operation, name, axis)
-    me = ctx.axis_index(names)
-    if index == me:
-        raise TopoValueError(
-            f"topo.{operation} {name} requires another index than this rank's own ({me}) along "
-            f"axis {axis!r}, but got {index}"
-        )
+    index = check_peer(peer, n, ctx.axis_index(names), operation, name, axis)
     return ctx.pair_communicator(names, index, device)
 
 

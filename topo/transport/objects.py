@@ -10,9 +10,8 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from topo.collectives._common import check_index
+from topo.collectives._common import check_peer
 from topo.context import find_context
-from topo.errors import TopoValueError
 from topo.mesh import Axis
 from topo.transport import _wire
 
@@ -21,13 +20,7 @@ __all__ = ["recv_object", "send_object"]
 
 def _pair(axis: Axis, peer: object, what: str, operation: str) -> Any:
     ctx, names, n = find_context(axis, operation)
-    index = check_index(peer, n, operation, what, axis)
-    me = ctx.axis_index(names)
-    if index == me:
-        raise TopoValueError(
-            f"topo.{operation} {what} requires another index than this rank's own ({me}) along "
-            f"axis {axis!r}, but got {index}"
-        )
+    index = check_peer(peer, n, ctx.axis_index(names), operation, what, axis)
     return ctx.pair_communicator(names, index, "cpu")
 
 

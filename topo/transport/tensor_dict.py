@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from topo.collectives._common import check_index
+from topo.collectives._common import check_index, check_peer
 from topo.context import MeshContext, find_context
 from topo.errors import CollectiveMismatchError, TopoError, TopoValueError
 from topo.mesh import Axis
@@ -211,14 +211,7 @@ def _tree(message: Any, operation: str, source: int) -> Any:
 
 def _peer(ctx: MeshContext, names: tuple[str, ...], n: int, peer: object, what: str,
           operation: str, axis: Axis) -> int:  # fmt: skip
-    index = check_index(peer, n, operation, what, axis)
-    me = ctx.axis_index(names)
-    if index == me:
-        raise TopoValueError(
-            f"topo.{operation} {what} requires another index than this rank's own ({me}) along "
-            f"axis {axis!r}, but got {index}"
-        )
-    return index
+    return check_peer(peer, n, ctx.axis_index(names), operation, what, axis)
 
 
 def _split_axis(
