@@ -122,9 +122,13 @@ class GlooCommunicator:
     # ------------------------------------------------------------- collectives
 
     def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        y = self.buffers.empty_like(x)
-        y.copy_(x)
-        self._run("all_reduce", lambda: self.pg.allreduce([y], self._reduce_options[op]))
+        # The small-message hot path: no closure, no property, one dict lookup.
+        y = self.buffers.clone(x)
+        pg = self._pg if self._pg is not None else self.pg
+        try:
+            pg.allreduce([y], self._reduce_options[op]).wait()
+        except RuntimeError as error:
+            raise self._error("all_reduce", error) from None
         if op == "avg":
             y /= self.size
         return y
