@@ -15,7 +15,7 @@ Run: ``python benchmarks/nccl_overhead.py`` (well under a minute on one GPU). Th
    and vs ``ProcessGroupNCCL`` (built in the same processes on a ``PrefixStore`` of the
    coordinator's store). Each figure is the enqueue time of a block of calls; a
    ``torch.cuda.synchronize()`` between blocks keeps the GPU queue from filling; blocks of
-   the three alternate; the figure is the median over blocks of the slowest rank.
+   the three take every order in turn; the figure is the median over blocks of the slowest rank.
 3. **Latency side-by-side, 2 ranks** (``--sweep``, which ``scripts/gpu-check`` passes):
    ``topo.all_reduce`` / ``topo.all_gather`` vs ``ProcessGroupNCCL`` from 4 B to 64 MiB,
    each timed to completion (synchronize), median of repeats, and the ratio.
@@ -28,6 +28,7 @@ in tests/test_gpu_check.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -57,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--sweep", action="store_true", help="add the 4 B - 64 MiB side-by-side")
-    parser.add_argument("--blocks", type=int, default=15, help="blocks per implementation")
+    parser.add_argument("--blocks", type=int, default=18, help="blocks per implementation")
     parser.add_argument("--calls", type=int, default=200, help="calls per block")
     parser.add_argument("--elements", type=int, default=16, help="float32 elements per call")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds for the 2-rank parts")
@@ -342,7 +343,7 @@ class _Peers:
 
 def two_rank_overhead(blocks: int, calls: int, elements: int) -> dict[str, dict[str, list[float]]]:
     """Part 2 on each rank: per collective and implementation, the enqueue time per call of
-    each block (blocks of the three alternate; a synchronize after every block)."""
+    each block (blocks of the three take every order in turn; a synchronize after every block)."""
     import torch
 
     peers = _Peers(elements)
@@ -355,9 +356,9 @@ def two_rank_overhead(blocks: int, calls: int, elements: int) -> dict[str, dict[
                     fn()
             torch.cuda.synchronize()
             times: dict[str, list[float]] = {k: [] for k in fns}
-            order = list(fns)
+            orders = list(itertools.permutations(fns))  # each position for each, in turn
             for block in range(blocks):
-                for which in order if block % 2 == 0 else reversed(order):
+                for which in orders[block % len(orders)]:
                     fn = fns[which]
                     start = time.perf_counter()
                     for _ in range(calls):
