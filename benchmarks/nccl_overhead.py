@@ -61,7 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=18, help="blocks per implementation")
     parser.add_argument("--calls", type=int, default=200, help="calls per block")
     parser.add_argument("--elements", type=int, default=16, help="float32 elements per call")
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds for the 2-rank parts")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds for each 2-rank part (a spawn)"
+    )
     args = parser.parse_args(argv)
     if args.blocks < 1 or args.calls < 1 or args.elements < 1:
         parser.error("--blocks, --calls and --elements must be at least 1")
@@ -435,10 +437,19 @@ def header() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the parts in turn; with ``--json`` the file is rewritten after each part, so a
+    later part's failure keeps the earlier figures."""
     args = parse_args(argv)
     import topo
 
-    results: dict[str, Any] = {"header": header(), "one_rank": one_rank()}
+    results: dict[str, Any] = {"header": header()}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+    results["one_rank"] = one_rank()
+    save()
     mesh = topo.DeviceMesh(tp=2)
     per_rank = topo.spawn(
         two_rank_overhead, mesh, args.blocks, args.calls, args.elements,
@@ -448,15 +459,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         c: {w: _slowest_median(per_rank, c, w) for w in IMPLEMENTATIONS} for c in COLLECTIVES
     }
     results["two_rank_elements"] = args.elements
+    save()
     if args.sweep:
         swept = topo.spawn(two_rank_sweep, mesh, SWEEP_SIZES, share_gpu=True, timeout=args.timeout)
         results["sweep"] = {
             c: {s: {w: max(r[c][s][w] for r in swept) for w in by_size[s]}
                 for s in by_size} for c, by_size in swept[0].items()
         }  # fmt: skip
+        save()
     print_report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
     return results
 
 

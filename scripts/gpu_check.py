@@ -156,7 +156,7 @@ def run_benchmark(timeout: float) -> tuple[int, dict[str, Any], float]:
         path = Path(tmp) / "nccl_overhead.json"
         status, _, seconds = _run(
             [sys.executable, "benchmarks/nccl_overhead.py", "--sweep", "--json", str(path),
-             "--timeout", str(max(timeout - 30, 60))],
+             "--timeout", str(max((timeout - 30) / 2, 60))],
             timeout,
         )  # fmt: skip
         results = json.loads(path.read_text()) if path.exists() else {}
@@ -171,8 +171,7 @@ def section(machine: dict[str, str], tests: dict[str, Any], bench_status: int,
     lines = [
         f"## {now}: {machine['gpu']}",
         "",
-        f"- machine: {machine['gpu']} ({machine['gpus']} visible), {platform.node() or 'host'}, "
-        f"{os.cpu_count()} CPUs",
+        f"- machine: {machine['gpu']} ({machine['gpus']} visible), {os.cpu_count()} CPUs",
         f"- torch {machine['torch']} (CUDA {machine['cuda']}), NCCL {machine['nccl']}, "
         f"cupy {machine['cupy']}, Python {machine['python']}, topo commit {machine['commit']}",
         f"- tests ({' '.join(TESTS)}): {tests['summary']} "
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     parser.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the tests")
     parser.add_argument(
-        "--bench-timeout", type=float, default=150.0, help="seconds for the benchmark"
+        "--bench-timeout", type=float, default=200.0, help="seconds for the benchmark"
     )
     args = parser.parse_args(argv)
     try:
