@@ -1,6 +1,9 @@
 """Runtime figures for the runtime issue, printed (not asserted):
 
-1. host time of ``topo.all_reduce`` on a 4-byte CPU tensor vs the raw ProcessGroupGloo call;
+1. host time of ``topo.all_reduce`` on a 4-byte CPU tensor vs the raw ProcessGroupGloo
+   allreduce of a clone on the same process group (and the raw in-place call, for reference),
+   as the median of per-block ratios with their quartiles; plus the same comparison on a
+   one-rank group in this process (host cost only, little scheduling noise);
 2. 64 MiB ``topo.all_reduce`` algbw vs the raw call;
 3. activating a 2×2 mesh and running one collective on each axis, vs torch's
    ``init_device_mesh`` on gloo (+ one collective per dim), in the same processes;
