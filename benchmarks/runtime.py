@@ -9,10 +9,9 @@
    ``init_device_mesh`` on gloo (+ one collective per dim), in the same processes;
 4. store operations per rank at activation (and for a first collective), at 4 and 8 ranks.
 
-Run: ``python benchmarks/runtime.py`` (about a minute on 2 cores); ``--small`` runs only
-section 1. topo and raw calls are
-interleaved in blocks and the statistics are taken over blocks, so that machine noise hits
-both alike.
+Run: ``python benchmarks/runtime.py`` (a few minutes on 2 cores); ``--small`` runs only
+section 1 (under a minute). topo and raw calls are interleaved in blocks and the statistics
+are taken over blocks, so that machine noise hits both alike.
 """
 
 from __future__ import annotations
