@@ -1,30 +1,206 @@
-"""Host time per call of topo's NCCL path on a one-rank group, against raw cupy NCCL and
-torch's ProcessGroupNCCL, plus CUDA-graph replay of captured calls. Needs one GPU and cupy.
+"""Host time per call of topo's NCCL path against raw cupy NCCL and torch's ProcessGroupNCCL,
+CUDA-graph replay, and a latency side-by-side with ProcessGroupNCCL. Needs one GPU and cupy.
 
-Run: ``python benchmarks/nccl_overhead.py`` (a few seconds). On a one-rank group NCCL moves
-no data, so the figures are pure host cost. ``topo.all_reduce`` on a size-1 *axis* returns a
-copy without calling NCCL at all, so the NCCL communicator is timed through
-``MeshContext.communicator`` (that is what a size > 1 axis calls), and topo's dispatch cost
-(context lookup and validation, measured on CPU) is printed separately.
+Run: ``python benchmarks/nccl_overhead.py`` (well under a minute on one GPU). Three parts:
+
+1. **One-rank group, in this process** (as before): the NCCL communicator's ``all_reduce``
+   vs raw cupy ``NcclCommunicator.allReduce`` vs ``ProcessGroupNCCL.allreduce``, and the
+   replay of 100 captured calls of each in a CUDA graph. On one rank NCCL moves no data, so
+   these are pure host cost. (``topo.all_reduce`` on a size-1 axis returns a copy without
+   NCCL, so the communicator is timed directly there.)
+2. **The main figure: 2 ranks sharing the GPU** (``topo.spawn(..., share_gpu=True)``): host
+   µs per call of the free functions ``topo.all_reduce`` / ``topo.all_gather`` /
+   ``topo.reduce_scatter`` on a size-2 axis, vs raw cupy (a second 2-rank ``NcclCommunicator``
+   made in the same processes, its unique id sent through topo's coordinator as raw bytes)
+   and vs ``ProcessGroupNCCL`` (built in the same processes on a ``PrefixStore`` of the
+   coordinator's store). Each figure is the enqueue time of a block of calls; a
+   ``torch.cuda.synchronize()`` between blocks keeps the GPU queue from filling; blocks of
+   the three take every order in turn; the figure is the median over blocks of the slowest rank.
+3. **Latency side-by-side, 2 ranks** (``--sweep``, which ``scripts/gpu-check`` passes):
+   ``topo.all_reduce`` / ``topo.all_gather`` vs ``ProcessGroupNCCL`` from 4 B to 64 MiB,
+   each timed to completion (synchronize), median of repeats, and the ratio.
+
+``--json PATH`` also writes every figure as JSON (``scripts/gpu_check.py`` turns it into the
+tables of docs/gpu.md). The argument parsing and table formatting need no GPU and are tested
+in tests/test_gpu_check.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
 import statistics
 import sys
 import time
-from datetime import timedelta
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+IMPLEMENTATIONS = ("topo", "raw cupy", "ProcessGroupNCCL")
+#: 4 B … 64 MiB in steps of 4×.
+SWEEP_SIZES = tuple(4 * 4**i for i in range(13))
 
-import topo
+
+# ----------------------------------------------------------------- CPU-only: args, tables
 
 
-def _per_call(fn: Any, calls: int = 2000, reps: int = 7) -> float:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line.
+
+    Example::
+
+        args = parse_args(["--sweep", "--json", "out.json"])
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--sweep", action="store_true", help="add the 4 B - 64 MiB side-by-side")
+    parser.add_argument("--blocks", type=int, default=18, help="blocks per implementation")
+    parser.add_argument("--calls", type=int, default=200, help="calls per block")
+    parser.add_argument("--elements", type=int, default=16, help="float32 elements per call")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds for each 2-rank part (a spawn)"
+    )
+    args = parser.parse_args(argv)
+    if args.blocks < 1 or args.calls < 1 or args.elements < 1:
+        parser.error("--blocks, --calls and --elements must be at least 1")
+    return args
+
+
+def format_size(nbytes: int) -> str:
+    """``4`` → ``'4 B'``, ``65536`` → ``'64 KiB'``.
+
+    Example::
+
+        format_size(64 << 20)   # '64 MiB'
+    """
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift} {unit}"
+    return f"{nbytes} B"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table (numbers right-aligned).
+
+    Example::
+
+        markdown_table(["a", "b"], [[1, 2.5]])
+    """
+
+    def cell(v: object) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def overhead_table(two_rank: dict[str, dict[str, float]]) -> str:
+    """Part 2 as a markdown table: µs per call per implementation (given in seconds) and the
+    two ratios.
+
+    Example::
+
+        overhead_table({"all_reduce": {"topo": 7e-6, "raw cupy": 6.5e-6, "ProcessGroupNCCL": 12e-6}})
+    """
+    rows = []
+    for name, figures in two_rank.items():
+        t, r, p = (figures.get(k) for k in IMPLEMENTATIONS)
+        rows.append([
+            f"topo.{name}", *(f"{v * 1e6:.2f}" if v is not None else "n/a" for v in (t, r, p)),
+            _ratio(t, r), _ratio(t, p),
+        ])  # fmt: skip
+    header = ["collective", "topo µs", "raw cupy µs", "ProcessGroupNCCL µs", "topo/raw",
+              "topo/PGNCCL"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def one_rank_table(one_rank: dict[str, float]) -> str:
+    """Part 1 (one-rank group, graph replay) as a markdown table.
+
+    Example::
+
+        one_rank_table({"raw cupy NcclCommunicator.allReduce": 6.5e-6})
+    """
+    return markdown_table(["one-rank group, host time per call", "µs"],
+                          [[label, f"{s * 1e6:.2f}"] for label, s in one_rank.items()])  # fmt: skip
+
+
+def sweep_table(sweep: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Part 3 as a markdown table: latency (µs) of topo and ProcessGroupNCCL per size.
+
+    ``sweep[collective][str(nbytes)][implementation]`` holds seconds.
+
+    Example::
+
+        sweep_table({"all_reduce": {"4": {"topo": 2e-5, "ProcessGroupNCCL": 2e-5}}})
+    """
+    rows = []
+    for name, by_size in sweep.items():
+        for size, figures in sorted(by_size.items(), key=lambda kv: int(kv[0])):
+            t, p = figures.get("topo"), figures.get("ProcessGroupNCCL")
+            rows.append([
+                name, format_size(int(size)), f"{t * 1e6:.1f}" if t else "n/a",
+                f"{p * 1e6:.1f}" if p else "n/a", _ratio(t, p),
+            ])  # fmt: skip
+    return markdown_table(
+        ["collective", "bytes per rank", "topo µs", "ProcessGroupNCCL µs", "topo/PGNCCL"], rows
+    )
+
+
+def print_report(results: dict[str, Any]) -> None:
+    """Print the figures as the benchmark always has (plain lines and ratios).
+
+    Example::
+
+        print_report({"one_rank": {...}, "two_rank": {...}})
+    """
+    print(results.get("header", "# nccl_overhead"))
+    one = results.get("one_rank", {})
+    if one:
+        print("\n## 1. one-rank group, host time per call")
+        for label, seconds in one.items():
+            print(f"{label:<48} {seconds * 1e6:9.2f} us")
+        t = one["topo NCCL communicator all_reduce"]
+        print(f"topo / raw cupy            {t / one['raw cupy NcclCommunicator.allReduce']:.3f}")
+        print(f"topo / ProcessGroupNCCL    {t / one['torch ProcessGroupNCCL allreduce']:.3f}")
+        print(
+            f"graph replay topo / raw    {one['graph replay of 100 topo all_reduces'] / one['graph replay of 100 raw allReduces']:.3f}"
+        )
+    two = results.get("two_rank", {})
+    if two:
+        print("\n## 2. 2 ranks sharing the GPU: host us per call of the free functions "
+              "(median of blocks, slowest rank)")  # fmt: skip
+        for name, figures in two.items():
+            t, r, p = (figures.get(k) for k in IMPLEMENTATIONS)
+            cells = "   ".join(
+                f"{k} {v * 1e6:7.2f} us"
+                for k, v in zip(IMPLEMENTATIONS, (t, r, p), strict=True)
+                if v is not None
+            )
+            print(f"topo.{name:<15} {cells}   topo/raw {_ratio(t, r)}   topo/PGNCCL {_ratio(t, p)}")
+    sweep = results.get("sweep", {})
+    if sweep:
+        print(
+            "\n## 3. latency, 2 ranks sharing the GPU (socket transport), topo vs ProcessGroupNCCL"
+        )
+        print(sweep_table(sweep))
+
+
+# ----------------------------------------------------------------------------- on the GPU
+
+
+def _per_call(fn: Callable[[], object], calls: int = 2000, reps: int = 7) -> float:
+    import torch
+
     for _ in range(100):
         fn()
     torch.cuda.synchronize()
@@ -38,9 +214,15 @@ def _per_call(fn: Any, calls: int = 2000, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def one_rank() -> dict[str, float]:
+    """Part 1, in this process: a one-rank mesh on cuda:0."""
+    from datetime import timedelta
+
+    import torch
     import torch.distributed as dist
     from cupy.cuda import nccl
+
+    import topo
 
     world = topo.World(rank=0, world_size=1, master_port=0)
     x = torch.ones(16, device="cuda:0")
@@ -82,17 +264,211 @@ def main() -> None:
                 )  # fmt: skip
         figures["graph replay of 100 topo all_reduces"] = _per_call(g_topo.replay, 50)
         figures["graph replay of 100 raw allReduces"] = _per_call(g_raw.replay, 50)
+        torch.cuda.synchronize()
         raw.destroy()
-    print(f"# torch {torch.__version__}, NCCL {nccl.get_version()}, {torch.cuda.get_device_name()}")
-    for label, seconds in figures.items():
-        print(f"{label:<48} {seconds * 1e6:9.2f} us")
-    t = figures["topo NCCL communicator all_reduce"]
-    print(f"topo / raw cupy            {t / figures['raw cupy NcclCommunicator.allReduce']:.3f}")
-    print(f"topo / ProcessGroupNCCL    {t / figures['torch ProcessGroupNCCL allreduce']:.3f}")
-    print(
-        f"graph replay topo / raw    "
-        f"{figures['graph replay of 100 topo all_reduces'] / figures['graph replay of 100 raw allReduces']:.3f}"
+    return figures
+
+
+class _Peers:
+    """On one rank of the 2-rank spawn: the three implementations of each collective on the
+    same inputs, with their outputs preallocated where the raw API takes them."""
+
+    def __init__(self, elements: int) -> None:
+        import torch
+        import torch.distributed as dist
+        from cupy.cuda import nccl
+
+        import topo
+        from topo.communicators.nccl import decode_unique_id, encode_unique_id
+
+        ctx = topo.current()
+        self.ctx, self.nccl, self.torch = ctx, nccl, torch
+        rank, ranks = ctx.axis_index("tp"), ctx.group("tp")
+        self.device = ctx.device
+        self.x = torch.ones(elements, device=self.device)
+        self.stacked = torch.ones(2 * elements, device=self.device)
+        self.out = torch.empty_like(self.x)
+        self.gathered = torch.empty(2 * elements, device=self.device)
+        data = ctx.coordinator.broadcast(
+            encode_unique_id(nccl.get_unique_id()) if rank == 0 else None, src=ranks[0], ranks=ranks
+        )
+        with torch.cuda.device(self.device):
+            self.raw = nccl.NcclCommunicator(2, decode_unique_id(data), rank)
+        store = dist.PrefixStore(ctx.coordinator.key("bench-pg-nccl"), ctx.coordinator.store)
+        opts = dist.ProcessGroupNCCL.Options()  # type: ignore[attr-defined]
+        self.pg: Any = dist.ProcessGroupNCCL(store, rank, 2, opts)  # type: ignore[attr-defined]
+        self.pg.allreduce([self.x.clone()]).wait()  # the PG's communicator is made lazily
+        torch.cuda.synchronize()
+
+    def calls(self, collective: str) -> dict[str, Callable[[], object]]:
+        import topo
+
+        torch, nccl, raw, pg = self.torch, self.nccl, self.raw, self.pg
+        x, stacked, out, gathered = self.x, self.stacked, self.out, self.gathered
+        n = x.numel()
+        index = self.device.index or 0
+        raw_stream: Callable[[int], int] = getattr(
+            torch._C, "_cuda_getCurrentRawStream",
+            lambda i: torch.cuda.current_stream(i).cuda_stream,
+        )  # fmt: skip
+        f32, add = nccl.NCCL_FLOAT32, nccl.NCCL_SUM
+        if collective == "all_reduce":
+            return {
+                "topo": lambda: topo.all_reduce(x, axis="tp"),
+                "raw cupy": lambda: raw.allReduce(
+                    x.data_ptr(), out.data_ptr(), n, f32, add, raw_stream(index)
+                ),
+                "ProcessGroupNCCL": lambda: pg.allreduce([x]),
+            }
+        if collective == "all_gather":
+            return {
+                "topo": lambda: topo.all_gather(x, axis="tp"),
+                "raw cupy": lambda: raw.allGather(
+                    x.data_ptr(), gathered.data_ptr(), n, f32, raw_stream(index)
+                ),
+                "ProcessGroupNCCL": lambda: pg._allgather_base(gathered, x),
+            }
+        return {
+            "topo": lambda: topo.reduce_scatter(stacked, axis="tp"),
+            "raw cupy": lambda: raw.reduceScatter(
+                stacked.data_ptr(), out.data_ptr(), n, f32, add, raw_stream(index)
+            ),
+            "ProcessGroupNCCL": lambda: pg._reduce_scatter_base(out, stacked),
+        }
+
+    def close(self) -> None:
+        self.torch.cuda.synchronize()
+        self.raw.destroy()
+        if hasattr(self.pg, "shutdown"):
+            self.pg.shutdown()
+
+
+def two_rank_overhead(blocks: int, calls: int, elements: int) -> dict[str, dict[str, list[float]]]:
+    """Part 2 on each rank: per collective and implementation, the enqueue time per call of
+    each block (blocks of the three take every order in turn; a synchronize after every block)."""
+    import torch
+
+    peers = _Peers(elements)
+    out: dict[str, dict[str, list[float]]] = {}
+    try:
+        for collective in COLLECTIVES:
+            fns = peers.calls(collective)
+            for fn in fns.values():  # warm-up: allocator, first-call paths
+                for _ in range(20):
+                    fn()
+            torch.cuda.synchronize()
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            orders = list(itertools.permutations(fns))  # each position for each, in turn
+            for block in range(blocks):
+                for which in orders[block % len(orders)]:
+                    fn = fns[which]
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    times[which].append((time.perf_counter() - start) / calls)
+                    torch.cuda.synchronize()
+            out[collective] = times
+    finally:
+        peers.close()
+    return out
+
+
+def two_rank_sweep(sizes: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """Part 3 on each rank: completed-call latency of topo and ProcessGroupNCCL per size."""
+    import torch
+
+    import topo
+
+    peers = _Peers(1)
+    pg, device = peers.pg, peers.device
+    result: dict[str, dict[str, dict[str, float]]] = {"all_reduce": {}, "all_gather": {}}
+    try:
+        for nbytes in sizes:
+            x = torch.ones(max(nbytes // 4, 1), device=device)
+            gathered = torch.empty(2 * x.numel(), device=device)
+            iters = max(3, min(50, (256 << 20) // max(nbytes, 1) // 8))
+            fns = {
+                "all_reduce": {
+                    "topo": lambda x=x: topo.all_reduce(x, axis="tp"),
+                    "ProcessGroupNCCL": lambda x=x: pg.allreduce([x]),
+                },
+                "all_gather": {
+                    "topo": lambda x=x: topo.all_gather(x, axis="tp"),
+                    "ProcessGroupNCCL": lambda x=x, g=gathered: pg._allgather_base(g, x),
+                },
+            }
+            for collective, impls in fns.items():
+                times: dict[str, list[float]] = {k: [] for k in impls}
+                for fn in impls.values():
+                    fn()
+                torch.cuda.synchronize()
+                for rep in range(5):
+                    for which in impls if rep % 2 == 0 else reversed(list(impls)):
+                        start = time.perf_counter()
+                        for _ in range(iters):
+                            impls[which]()
+                        torch.cuda.synchronize()
+                        times[which].append((time.perf_counter() - start) / iters)
+                result[collective][str(nbytes)] = {
+                    k: statistics.median(v) for k, v in times.items()
+                }
+    finally:
+        peers.close()
+    return result
+
+
+def _slowest_median(per_rank: list[dict[str, Any]], collective: str, which: str) -> float:
+    blocks = len(per_rank[0][collective][which])
+    return statistics.median(max(r[collective][which][i] for r in per_rank) for i in range(blocks))
+
+
+def header() -> str:
+    """Versions line: torch, CUDA, NCCL, cupy, GPU name."""
+    import cupy
+    import torch
+    from cupy.cuda import nccl
+
+    code = int(nccl.get_version())
+    return (
+        f"# torch {torch.__version__} (CUDA {torch.version.cuda}), NCCL {code // 10000}."
+        f"{code // 100 % 100}.{code % 100}, cupy {cupy.__version__}, "
+        f"{torch.cuda.get_device_name()}"
     )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the parts in turn; with ``--json`` the file is rewritten after each part, so a
+    later part's failure keeps the earlier figures."""
+    args = parse_args(argv)
+    import topo
+
+    results: dict[str, Any] = {"header": header()}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+    results["one_rank"] = one_rank()
+    save()
+    mesh = topo.DeviceMesh(tp=2)
+    per_rank = topo.spawn(
+        two_rank_overhead, mesh, args.blocks, args.calls, args.elements,
+        share_gpu=True, timeout=args.timeout,
+    )  # fmt: skip
+    results["two_rank"] = {
+        c: {w: _slowest_median(per_rank, c, w) for w in IMPLEMENTATIONS} for c in COLLECTIVES
+    }
+    results["two_rank_elements"] = args.elements
+    save()
+    if args.sweep:
+        swept = topo.spawn(two_rank_sweep, mesh, SWEEP_SIZES, share_gpu=True, timeout=args.timeout)
+        results["sweep"] = {
+            c: {s: {w: max(r[c][s][w] for r in swept) for w in by_size[s]}
+                for s in by_size} for c, by_size in swept[0].items()
+        }  # fmt: skip
+        save()
+    print_report(results)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
 """Runtime figures for the runtime issue, printed (not asserted):
 
-1. host time of ``topo.all_reduce`` on a 4-byte CPU tensor vs the raw ProcessGroupGloo call;
+1. host time of ``topo.all_reduce`` on a 4-byte CPU tensor vs the raw ProcessGroupGloo
+   allreduce of a clone on the same process group (and the raw in-place call, for reference),
+   as the median of per-block ratios with their quartiles; plus the same comparison on a
+   one-rank group in this process (host cost only, little scheduling noise);
 2. 64 MiB ``topo.all_reduce`` algbw vs the raw call;
 3. activating a 2×2 mesh and running one collective on each axis, vs torch's
    ``init_device_mesh`` on gloo (+ one collective per dim), in the same processes;
 4. store operations per rank at activation (and for a first collective), at 4 and 8 ranks.
 
-Run: ``python benchmarks/runtime.py`` (about a minute on 2 cores). topo and raw calls are
-interleaved in blocks and the statistics are taken over blocks, so that machine noise hits
-both alike.
+Run: ``python benchmarks/runtime.py`` (a few minutes on 2 cores); ``--small`` runs only
+section 1 (under a minute). topo and raw calls are interleaved in blocks and the statistics
+are taken over blocks, so that machine noise hits both alike.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import statistics
@@ -32,30 +36,91 @@ from topo.bench import RawGroup as _RawGroup
 
 
 def small_all_reduce(blocks: int, per_block: int) -> dict[str, list[float]]:
+    """Blocks of ``per_block`` calls, each kind in every position in turn: ``topo.all_reduce``
+    (out-of-place: a new tensor per call), the raw ``ProcessGroupGloo`` allreduce of a clone
+    (the like-for-like call: also a new tensor per call) and, for reference, the raw in-place
+    allreduce.
+
+    The raw calls go to the same ``ProcessGroupGloo`` object topo's communicator wraps. On a
+    loaded 2-core machine a process group that sat idle while another one was busy runs the
+    identical call up to ~1.8x slower for a whole block, so a raw call on a second process
+    group measures which group was warm, not topo's cost."""
+    import topo._dist as dist
+
     ctx = topo.current()
     names = ctx.mesh.axis_names
-    raw = _RawGroup(ctx, names)
     x = torch.ones(1)
     raw_x = torch.ones(1)
-    opts = raw.dist.AllreduceOptions()
-    for _ in range(200):
-        topo.all_reduce(x, axis=names)
-        raw.pg.allreduce([raw_x], opts).wait()
-    topo_times, raw_times = [], []
+    opts = dist.AllreduceOptions()
+    topo.all_reduce(x, axis=names)  # creates the communicator
+    comm: Any = ctx.communicator(names, "cpu")
+    pg = comm.pg
+
+    def run_topo() -> None:
+        for _ in range(per_block):
+            topo.all_reduce(x, axis=names)
+
+    def run_raw() -> None:
+        for _ in range(per_block):
+            y = raw_x.clone()
+            pg.allreduce([y], opts).wait()
+
+    def run_inplace() -> None:
+        for _ in range(per_block):
+            pg.allreduce([raw_x], opts).wait()
+
+    runs = {"topo": run_topo, "raw": run_raw, "raw in-place": run_inplace}
+    for _ in range(2):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {which: [] for which in runs}
+    orders = list(itertools.permutations(runs))  # every position for each, in turn
     for block in range(blocks):
-        order = ("topo", "raw") if block % 2 == 0 else ("raw", "topo")
-        for which in order:
-            raw.pg.barrier(raw.dist.BarrierOptions()).wait()
+        for which in orders[block % len(orders)]:
+            pg.barrier(dist.BarrierOptions()).wait()
             start = time.perf_counter()
-            if which == "topo":
-                for _ in range(per_block):
-                    topo.all_reduce(x, axis=names)
-                topo_times.append((time.perf_counter() - start) / per_block)
-            else:
-                for _ in range(per_block):
-                    raw.pg.allreduce([raw_x], opts).wait()
-                raw_times.append((time.perf_counter() - start) / per_block)
-    return {"topo": topo_times, "raw": raw_times}
+            runs[which]()
+            times[which].append((time.perf_counter() - start) / per_block)
+    return times
+
+
+def host_cost_one_rank(blocks: int, calls: int) -> dict[str, list[float]]:
+    """Host time per call on a one-rank gloo group in this process (no peers, so almost no
+    scheduling noise): topo's gloo communicator ``all_reduce`` vs the raw allreduce of a
+    clone on the same process group, alternating blocks."""
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+
+    import topo._dist as dist
+    from topo.communicators.gloo import GlooCommunicator
+
+    comm = GlooCommunicator(
+        torch_dist.HashStore(), (0,), 0, timedelta(seconds=60), True, "one-rank bench group"
+    )
+    pg = comm.pg
+    x = torch.ones(1)
+    opts = dist.AllreduceOptions()
+
+    def run_topo() -> None:
+        for _ in range(calls):
+            comm.all_reduce(x, "sum")
+
+    def run_raw() -> None:
+        for _ in range(calls):
+            y = x.clone()
+            pg.allreduce([y], opts).wait()
+
+    runs = {"topo": run_topo, "raw": run_raw}
+    times: dict[str, list[float]] = {"topo": [], "raw": []}
+    run_topo(), run_raw()
+    for block in range(blocks):
+        for which in ("topo", "raw") if block % 2 == 0 else ("raw", "topo"):
+            start = time.perf_counter()
+            runs[which]()
+            times[which].append((time.perf_counter() - start) / calls)
+    comm.close()
+    return times
 
 
 class _StubCommunicator:
@@ -183,14 +248,57 @@ def store_ops() -> dict[str, int]:
 # ------------------------------------------------------------------------------ parent
 
 
+def _slowest(per_rank: list[dict[str, list[float]]], key: str) -> list[float]:
+    return [max(r[key][i] for r in per_rank) for i in range(len(per_rank[0][key]))]
+
+
 def _ratio_line(label: str, per_rank: list[dict[str, list[float]]], unit: float, name: str) -> str:
-    topo_t = [max(r["topo"][i] for r in per_rank) for i in range(len(per_rank[0]["topo"]))]
-    raw_t = [max(r["raw"][i] for r in per_rank) for i in range(len(per_rank[0]["raw"]))]
+    topo_t, raw_t = _slowest(per_rank, "topo"), _slowest(per_rank, "raw")
     tm, rm = statistics.median(topo_t), statistics.median(raw_t)
     tb, rb = min(topo_t), min(raw_t)
     return (
         f"{label:<34} topo {tm * unit:9.1f} {name} (best {tb * unit:8.1f})   raw {rm * unit:9.1f} "
         f"{name} (best {rb * unit:8.1f})   topo/raw median {tm / rm:.3f}, best {tb / rb:.3f}"
+    )
+
+
+def block_ratios(topo_t: list[float], raw_t: list[float]) -> str:
+    """The median of the per-block ratios topo/raw (each block's topo run against the raw run
+    next to it), with the quartiles of those ratios: how noisy the machine was.
+
+    Example::
+
+        block_ratios([1.1, 1.0, 1.2], [1.0, 1.0, 1.0])   # 'median 1.100 (quartiles ...)'
+    """
+    ratios = sorted(t / r for t, r in zip(topo_t, raw_t, strict=True))
+    if len(ratios) >= 4:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+    else:
+        q1, q3 = ratios[0], ratios[-1]
+    return (
+        f"median {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f}, range "
+        f"{ratios[0]:.3f}-{ratios[-1]:.3f}, {len(ratios)} blocks)"
+    )
+
+
+def small_all_reduce_report(blocks: int = 40, per_block: int = 100) -> None:
+    """Section 1: print topo/raw for a 4-byte all_reduce on 2 and 4 ranks."""
+    for mesh in (topo.DeviceMesh(tp=2), topo.DeviceMesh(dp=2, tp=2)):
+        res = topo.spawn(small_all_reduce, mesh, blocks, per_block, timeout=600)
+        print(_ratio_line(f"{mesh} ({mesh.size} ranks)", res, 1e6, "us"))
+        topo_t, raw_t = _slowest(res, "topo"), _slowest(res, "raw")
+        inplace_t = _slowest(res, "raw in-place")
+        print(f"{'':<34} topo/raw per block: {block_ratios(topo_t, raw_t)}")
+        print(
+            f"{'':<34} (raw = allreduce of a clone, like topo's out-of-place call; the raw "
+            f"in-place allreduce: {statistics.median(inplace_t) * 1e6:.1f} us, topo/in-place "
+            f"{block_ratios(topo_t, inplace_t).split(' (')[0]})"
+        )
+    one = host_cost_one_rank(max(blocks // 2, 10), 2000)
+    print(
+        f"{'1 rank, in-process (host only)':<34} topo comm {statistics.median(one['topo']) * 1e6:9.2f}"
+        f" us   raw {statistics.median(one['raw']) * 1e6:9.2f} us   topo/raw per block: "
+        f"{block_ratios(one['topo'], one['raw'])}"
     )
 
 
@@ -200,9 +308,9 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; times are the slowest rank's"
     )
     print("\n## 1. all_reduce of a 4-byte CPU tensor: host time per call (median over blocks)")
-    for mesh in (topo.DeviceMesh(tp=2), topo.DeviceMesh(dp=2, tp=2)):
-        res = topo.spawn(small_all_reduce, mesh, 40, 100, timeout=300)
-        print(_ratio_line(f"{mesh} ({mesh.size} ranks)", res, 1e6, "us"))
+    small_all_reduce_report()
+    if "--small" in sys.argv[1:]:
+        return
 
     res = topo.spawn(layer_overhead, topo.DeviceMesh(tp=2), 20000, timeout=300)
     print("topo's own work per call, no communication (best of 5 x 20000 calls, rank 0):")

@@ -74,3 +74,24 @@ def test_cap_and_clear_and_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
     off = BufferPool()
     off.empty((MIB,), torch.float32)
     assert not off.enabled and off.held_bytes == 0
+
+
+@pytest.mark.parametrize("nbytes", [4, 4 * MIB], ids=["small", "large"])
+def test_clone_is_a_contiguous_copy_that_never_aliases_its_input(nbytes: int) -> None:
+    pool = BufferPool()
+    x = torch.arange(nbytes // 4, dtype=torch.float32)
+    transposed = x.view(-1, 1).t() if nbytes == 4 else x.view(-1, 2).t()
+    pointers = set()
+    for source in (x, transposed):
+        y = pool.clone(source)
+        assert y.is_contiguous() and torch.equal(y, source)
+        assert y.data_ptr() != source.data_ptr()
+        y.add_(1)
+        assert torch.equal(x, torch.arange(nbytes // 4, dtype=torch.float32))
+        pointers.add(y.data_ptr())
+        del y
+    again = pool.clone(transposed)
+    if nbytes >= pool.min_bytes:
+        assert again.data_ptr() in pointers  # a dropped output's memory again
+    else:
+        assert pool.held_bytes == 0  # small copies are plain clones, never pooled

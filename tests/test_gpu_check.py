@@ -1,0 +1,111 @@
+"""scripts/gpu-check and benchmarks/nccl_overhead.py without a GPU: the parts that need none
+(argument parsing, tables, the markdown section) and the clear failure on a machine that cannot
+run the check."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load("nccl_overhead", ROOT / "benchmarks" / "nccl_overhead.py")
+
+
+@pytest.fixture(scope="module")
+def check() -> ModuleType:
+    return _load("gpu_check", ROOT / "scripts" / "gpu_check.py")
+
+
+def test_benchmark_imports_without_cupy_and_parses_its_arguments(bench: ModuleType) -> None:
+    args = bench.parse_args(["--sweep", "--json", "x.json", "--blocks", "3"])
+    assert (args.sweep, args.json, args.blocks, args.calls) == (True, "x.json", 3, 200)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--calls", "0"])
+    assert bench.SWEEP_SIZES[0] == 4 and bench.SWEEP_SIZES[-1] == 64 << 20
+    assert [bench.format_size(n) for n in (4, 1024, 3 << 20, 64 << 20)] == [
+        "4 B", "1 KiB", "3 MiB", "64 MiB"
+    ]  # fmt: skip
+
+
+def _results() -> dict[str, object]:
+    two = {c: {"topo": 7e-6, "raw cupy": 6.5e-6, "ProcessGroupNCCL": 14e-6}
+           for c in ("all_reduce", "all_gather", "reduce_scatter")}  # fmt: skip
+    one = {
+        "topo NCCL communicator all_reduce": 7e-6,
+        "raw cupy NcclCommunicator.allReduce": 6.5e-6,
+        "torch ProcessGroupNCCL allreduce": 12e-6,
+        "topo.all_reduce on the size-1 axis (copy only)": 3e-6,
+        "graph replay of 100 topo all_reduces": 1e-4,
+        "graph replay of 100 raw allReduces": 1e-4,
+    }
+    sweep = {"all_reduce": {"4": {"topo": 2e-5, "ProcessGroupNCCL": 1e-5}},
+             "all_gather": {"67108864": {"topo": 0.05, "ProcessGroupNCCL": 0.05}}}  # fmt: skip
+    return {"header": "# test", "one_rank": one, "two_rank": two, "sweep": sweep}
+
+
+def test_tables_and_report(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    results = _results()
+    table = bench.overhead_table(results["two_rank"])
+    assert "| topo.all_reduce | 7.00 | 6.50 | 14.00 | 1.08 | 0.50 |" in table
+    sweep = bench.sweep_table(results["sweep"])
+    assert "| all_reduce | 4 B | 20.0 | 10.0 | 2.00 |" in sweep
+    assert "| all_gather | 64 MiB | 50000.0 | 50000.0 | 1.00 |" in sweep
+    bench.print_report(results)
+    out = capsys.readouterr().out
+    assert "topo / raw cupy            1.077" in out
+    assert "topo.all_gather" in out and "topo/raw 1.08" in out
+
+
+def test_section_for_docs(check: ModuleType) -> None:
+    machine = {"gpu": "Fake GPU", "gpus": "1", "torch": "2.x", "cuda": "13.0", "nccl": "2.28.9",
+               "cupy": "14.0 (cupy-cuda13x)", "python": "3.11", "commit": "abc1234"}  # fmt: skip
+    tests = {"status": 0, "summary": "19 passed, 2 skipped in 60.0s", "seconds": 60.0}
+    text = check.section(machine, tests, 0, _results(), 40.0)
+    assert text.startswith("## ") and "UTC: Fake GPU" in text.splitlines()[0]
+    assert "NCCL 2.28.9" in text and "cupy 14.0 (cupy-cuda13x)" in text
+    assert "19 passed, 2 skipped" in text and "| topo.reduce_scatter |" in text
+    failed = check.section(machine, {**tests, "status": 1}, 124, {}, 150.0)
+    assert "FAILED, status 1" in failed and "FAILED, status 124" in failed
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure")
+def test_gpu_check_fails_clearly_without_a_gpu() -> None:
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-check"), "--no-write"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: cannot run here: no CUDA GPU")
+
+
+@pytest.mark.multiprocess
+def test_gpu_check_names_a_missing_interpreter() -> None:
+    env = dict(os.environ, PYTHON="/nonexistent/python3")
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-check")], capture_output=True, text=True, timeout=30,
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "no Python interpreter '/nonexistent/python3'" in done.stderr
