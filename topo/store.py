@@ -278,6 +278,16 @@ class BoundedStore(dist.Store):
         )
         return found
 
+    def get_within(self, key: str, seconds: float) -> bytes:
+        """``get`` bounded by ``seconds`` plus the margin (see :meth:`set_within`).
+
+        Example::
+
+            store.get_within("k", 2.0)
+        """
+        value: bytes = self._call("get", lambda: self.inner.get(key), timedelta(seconds=seconds))
+        return value
+
     def set(self, key: str, value: Any) -> None:
         self.written.add(key)
         self._call("set", lambda: self.inner.set(key, value))

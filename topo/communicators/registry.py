@@ -132,7 +132,13 @@ def _gloo(group: GroupSpec) -> Communicator:
     from topo.communicators.gloo import GlooCommunicator
     from topo.communicators.rollcall import RollCall
 
-    roll_call = RollCall(group.coordinator.store, group.scope, group.ranks, group.index)
+    roll_call = RollCall(
+        group.coordinator.store,
+        group.scope,
+        group.ranks,
+        group.index,
+        activation=group.coordinator.prefix,
+    )
     return GlooCommunicator(
         group.store,
         group.ranks,

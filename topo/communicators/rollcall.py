@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import time
 
 from topo.errors import RendezvousTimeout, StoreLostError
@@ -42,9 +43,13 @@ class RollCall:
         ranks: tuple[int, ...],
         index: int,
         seconds: float = ROLL_CALL_SECONDS,
+        activation: str = "",
     ) -> None:
         self.store = store
         self.scope = scope
+        #: the activation's key prefix, where a rank that leaves after a failure says whom it
+        #: blamed (so a peer that finds it gone can follow the chain to the cause).
+        self.activation = activation or scope
         self.ranks = ranks
         self.index = index
         self.seconds = seconds
@@ -70,15 +75,39 @@ class RollCall:
                 absent = [i for i in absent if not self.store.check_within([f"{base}/{i}"], limit)]
                 if absent:
                     time.sleep(0.05)
+            gone = [self.ranks[i] for i in absent]
+            cause = self._follow(gone, limit)
+            note = json.dumps({"blamed": cause}).encode()
+            self.store.set_within(f"{self.activation}/left/{self.ranks[self.index]}", note, limit)
         except (StoreLostError, RendezvousTimeout, RuntimeError):
             return (
                 f"; the rendezvous store at {self.store.where} does not answer either: rank 0 "
                 f"(its host) or the network to it is down"
             )
-        if not absent:
+        if not gone:
             return ""
-        names = [self.ranks[i] for i in absent]
+        if sorted(cause) != sorted(gone):
+            return (
+                f"; rank(s) {gone} left after a failure of their own, which they blamed on "
+                f"rank(s) {cause}: those did not answer — they died, are stopped, or wait in "
+                f"another collective; look at them first"
+            )
         return (
-            f"; rank(s) {names} did not answer the roll call after the failure: they died, are "
+            f"; rank(s) {gone} did not answer the roll call after the failure: they died, are "
             f"stopped, or wait in another collective — look at those ranks first"
         )
+
+    def _follow(self, gone: list[int], limit: float) -> list[int]:
+        """The ranks to blame: a gone rank that left a note (it failed first and held its own
+        roll call) passes the blame on to whom it named; one without a note is the cause."""
+        cause: set[int] = set()
+        for rank in gone:
+            key = f"{self.activation}/left/{rank}"
+            blamed: list[int] = []
+            if self.store.check_within([key], limit):
+                try:
+                    blamed = [int(r) for r in json.loads(self.store.get_within(key, limit))["blamed"]]
+                except (ValueError, KeyError, TypeError):
+                    blamed = []
+            cause.update(blamed or [rank])
+        return sorted(cause)
