@@ -1,0 +1,59 @@
+"""The roll call after a failed collective names the ranks that are gone (in-process: a
+shared in-memory store stands for the rendezvous store)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import torch
+
+from topo.communicators.rollcall import RollCall
+from topo.store import BoundedStore
+
+
+def _store() -> BoundedStore:
+    return BoundedStore(torch.distributed.HashStore(), timedelta(seconds=5), "127.0.0.1:1 (rank 0)")
+
+
+def test_everyone_answers() -> None:
+    store = _store()
+    out: dict[int, str] = {}
+
+    def member(i: int) -> None:
+        out[i] = RollCall(store, "g", (4, 5, 6), i, seconds=5).report()
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert out == {0: "", 1: "", 2: ""}
+
+
+def test_a_silent_member_is_named_by_its_global_rank() -> None:
+    store = _store()
+    suffix = RollCall(store, "g", (4, 5, 6), 0, seconds=0.3).report()
+    assert "rank(s) [5, 6] did not answer the roll call" in suffix
+    assert store.roll_calls == 1
+
+
+def test_the_chain_is_followed_to_the_cause() -> None:
+    store = _store()
+    # rank 5 failed first elsewhere and blamed rank 9 before it left
+    store.set("act/left/5", json.dumps({"blamed": [9]}).encode())
+    suffix = RollCall(store, "g", (4, 5), 0, seconds=0.3, activation="act").report()
+    assert "rank(s) [5] left after a failure of their own" in suffix
+    assert "blamed on rank(s) [9]" in suffix
+    assert json.loads(store.get("act/left/4")) == {"blamed": [9]}  # passed on in turn
+
+
+def test_an_unreachable_store_is_said() -> None:
+    class Gone(torch.distributed.Store):
+        def set(self, key: str, value: object) -> None:
+            raise RuntimeError("Connection reset by peer")
+
+    store = BoundedStore(Gone(), timedelta(seconds=1), "10.0.0.1:29500 (rank 0)")
+    suffix = RollCall(store, "g", (0, 1), 1, seconds=0.3).report()
+    assert "10.0.0.1:29500 (rank 0) does not answer either" in suffix
