@@ -40,7 +40,7 @@ class _Stub:
 
 def layer_cost(calls: int = 20000, repeats: int = 7) -> dict[str, float]:
     ctx = topo.current()
-    key = (("tp",), "cpu")
+    key = (("tp",), "cpu", None)
     real = ctx.communicator(("tp",), "cpu")
     ctx._communicators[key] = _Stub(real)  # type: ignore[assignment]
     x = torch.ones(1)
@@ -57,7 +57,7 @@ def layer_cost(calls: int = 20000, repeats: int = 7) -> dict[str, float]:
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int) -> dict[str, list[float]]:
-    from topo.bench import _RawGroup  # noqa: F401  (same barrier source as the raw calls)
+    from topo.bench import RawGroup  # noqa: F401  (same barrier source as the raw calls)
 
     ctx = topo.current()
     out: dict[str, list[float]] = {name: [] for name in fns}
@@ -76,9 +76,9 @@ def _interleaved(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int)
 def small_calls(
     blocks: int = 15, per_block: int = 200, no_grad_only: bool = False
 ) -> dict[str, list[float]]:
-    from topo.bench import _RawGroup
+    from topo.bench import RawGroup
 
-    raw = _RawGroup(topo.current(), ("tp",))
+    raw = RawGroup(topo.current(), ("tp",))
     opts = raw.dist.AllreduceOptions()
     x = torch.ones(1)
     xg = torch.ones(1, requires_grad=True)
@@ -117,9 +117,9 @@ def compiled_vs_eager(blocks: int = 15, per_block: int = 100) -> dict[str, list[
 
 
 def large_out(reps: int = 15, nbytes: int = 64 << 20) -> dict[str, list[float]]:
-    from topo.bench import _RawGroup
+    from topo.bench import RawGroup
 
-    raw = _RawGroup(topo.current(), ("tp",))
+    raw = RawGroup(topo.current(), ("tp",))
     opts = raw.dist.AllreduceOptions()
     n = nbytes // 4
     raw_x, x, y, z = (torch.ones(n) for _ in range(4))

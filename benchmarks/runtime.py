@@ -138,7 +138,7 @@ def layer_overhead(calls: int) -> dict[str, float]:
     communicator, of a 4-byte clone (the out-of-place copy), and of the raw gloo call."""
     ctx = topo.current()
     names = ctx.mesh.axis_names
-    key = (names, "cpu")
+    key = (names, "cpu", None)
     real = ctx.communicator(names, "cpu")
     stub = _StubCommunicator(real)
     x = torch.ones(1)
