@@ -57,3 +57,23 @@ def test_an_unreachable_store_is_said() -> None:
     store = BoundedStore(Gone(), timedelta(seconds=1), "10.0.0.1:29500 (rank 0)")
     suffix = RollCall(store, "g", (0, 1), 1, seconds=0.3).report()
     assert "10.0.0.1:29500 (rank 0) does not answer either" in suffix
+
+
+def test_store_worker_threads_end_when_idle() -> None:
+    import time
+
+    import topo.store
+
+    before = {t.ident for t in threading.enumerate() if t.name == "topo-store"}
+    for _ in range(20):
+        store = _store()
+        store.set("k", b"v")
+    end = time.monotonic() + topo.store.IDLE_SECONDS + 10
+    while time.monotonic() < end:
+        alive = {t.ident for t in threading.enumerate() if t.name == "topo-store"} - before
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, f"{len(alive)} store worker threads outlived their work"
+    store.set("k2", b"v")  # and a worker starts again on demand
+    assert store.get("k2") == b"v"

@@ -60,6 +60,9 @@ T = TypeVar("T")
 #: unresponsive (a loaded machine answers late, a stopped one never).
 MARGIN_SECONDS = 5.0
 
+#: How long a store worker thread waits for work before it ends (it restarts on demand).
+IDLE_SECONDS = 2.0
+
 _TAG_BYTES = 32  # HMAC-SHA256
 
 
@@ -173,16 +176,25 @@ def connect_store(
 
 
 class _Worker:
-    """One daemon thread that runs store calls; a call stuck in C++ never blocks exit."""
+    """A daemon thread that runs store calls (a call stuck in C++ never blocks exit). It ends
+    after :data:`IDLE_SECONDS` without work and starts again on the next call, so an
+    activation that is over leaves no thread behind."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], _Result]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="topo-store", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._running = False
 
     def _run(self) -> None:
         while True:
-            fn, result = self._jobs.get()
+            try:
+                fn, result = self._jobs.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._running = False
+                        return
+                continue
             try:
                 result.value = fn()
             except BaseException as error:
@@ -191,7 +203,11 @@ class _Worker:
 
     def submit(self, fn: Callable[[], Any]) -> _Result:
         result = _Result()
-        self._jobs.put((fn, result))
+        with self._lock:
+            self._jobs.put((fn, result))
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="topo-store", daemon=True).start()
         return result
 
 
