@@ -200,3 +200,38 @@ def interop_main() -> dict[str, Any]:
 
     out["fsdp2_tp"] = fsdp2_tp.train_step()  # FSDP2 over dp + TP over tp on this activation
     return out
+
+
+def _all_gather(x: torch.Tensor, pg: Any) -> torch.Tensor:
+    gather = getattr(funcol, "all_gather_single", None)  # torch >= 2.12; older: *_tensor
+    if gather is None:
+        return funcol.all_gather_tensor(x, 0, pg).wait()
+    return gather(x, 0, pg).wait()
+
+
+def _reduce_scatter(x: torch.Tensor, pg: Any) -> torch.Tensor:
+    scatter = getattr(funcol, "reduce_scatter_single", None)  # torch >= 2.12; older: *_tensor
+    if scatter is None:
+        return funcol.reduce_scatter_tensor(x, "sum", 0, pg).wait()
+    return scatter(x, "sum", 0, pg).wait()
+
+
+def stress_main(iters: int) -> dict[str, Any]:
+    """torch's functional collectives interleaved with topo's own collectives on the same
+    groups, ``iters`` times, through the gloo group (``tp``) and the CUDA wrapper group with
+    CPU tensors (``dp``). Temporaries are dropped at once, as DTensor and FSDP2 do: before
+    the wrapper served torch's coalesced calls in Python, this deadlocked a gloo worker
+    against the GIL within the first few hundred iterations. Returns the sums seen."""
+    ctx = topo.current()
+    x = rank_input(ctx.rank)
+    seen: dict[str, list[float]] = {}
+    for axis, device_type in (("tp", "cpu"), ("dp", "cuda")):
+        pg = ctx.torch_group(axis, device_type=device_type)
+        sums = seen.setdefault(f"{axis}:{device_type}", [0.0] * 5)
+        for i in range(iters):
+            sums[0] += float(funcol.all_reduce(x, "sum", pg).wait().sum())
+            sums[1] += float(_all_gather(x, pg).sum())
+            sums[2] += float(topo.all_reduce(torch.full((3,), float(i)), axis=axis).sum())
+            sums[3] += float(_all_gather(x, pg).sum())
+            sums[4] += float(_reduce_scatter(x, pg).sum())
+    return seen

@@ -35,25 +35,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # ------------------------------------------------------------------ over real processes
 
 
-#: A known, open problem (issue 9): torch's functional collectives (which DTensor and FSDP2
-#: use) on a topo group sometimes never complete on gloo — one rank blocks while issuing an
-#: all_gather the others wait for (about 1 run in 6 on a 2-core machine). Until it is found,
-#: a run that hangs is reported as an expected failure with that reason, not as a pass.
-KNOWN_HANG = (
-    "known intermittent hang (issue 9): a torch functional collective on a topo gloo group "
-    "blocked on one rank while the others waited"
-)
-
-
 @pytest.fixture(scope="module")
 def reports() -> list[dict[str, Any]]:
     sys.path.insert(0, str(EXAMPLES))  # the spawned ranks inherit sys.path
     try:
         results: list[dict[str, Any]] = topo.spawn(fns.interop_main, MESH, timeout=SPAWN_TIMEOUT)
-    except topo.RankFailedError as error:
-        if "timed out" in str(error) and "had not finished" in str(error):
-            pytest.xfail(KNOWN_HANG)
-        raise
     finally:
         sys.path.remove(str(EXAMPLES))
     return results
@@ -161,6 +147,27 @@ def test_fsdp2_tp_example_equals_single_process(reports: list[dict[str, Any]]) -
             assert torch.allclose(result["params"][name], param, atol=1e-5), name
 
 
+@pytest.mark.multiprocess
+def test_functional_collectives_interleaved_with_topo_never_hang() -> None:
+    """Regression for issue 9: torch's functional collectives and topo's collectives on the
+    same groups, 300 times each way. Before the wrapper served torch's coalesced calls itself,
+    a gloo worker and the main thread deadlocked over the GIL here within seconds (see
+    docs/interop.md, "A deadlock with torch's functional collectives")."""
+    iters = 300
+    results = topo.spawn(fns.stress_main, MESH, iters, timeout=60)  # about 10 s
+    for rank, seen in enumerate(results):
+        for axis, device_type in (("tp", "cpu"), ("dp", "cuda")):
+            group = MESH.group(axis, rank)
+            inputs = [fns.rank_input(r) for r in group]
+            total = float(torch.stack(inputs).sum())
+            arange_sum = 3.0 * len(group) * sum(range(iters))
+            rows = 4 // len(group)
+            index = MESH.axis_index(axis, rank)
+            mine = float(torch.stack(inputs).sum(0)[index * rows : (index + 1) * rows].sum())
+            expected = [iters * total, iters * total, arange_sum, iters * total, iters * mine]
+            assert seen[f"{axis}:{device_type}"] == pytest.approx(expected), (rank, axis)
+
+
 # ------------------------------------------------------------------ in this process
 
 
@@ -265,6 +272,25 @@ def test_cuda_wrapper_plumbing_with_fake_cupy(monkeypatch: pytest.MonkeyPatch) -
         assert torch.equal(a2a, t) and [c[0] for c in calls.calls[-2:]] == ["send", "recv"]
         assert funcol.all_reduce(t, "sum", pg).wait().tolist() == t.tolist()
         assert calls.calls[-1][0] == "allReduce" and dist.get_backend(pg) == "topo"
+        # torch's functional collectives call the coalesced entry points from C++: the wrapper
+        # serves them (torch's default would enqueue on gloo with the GIL held, see
+        # topo/communicators/handoff.py, or find no CUDA backend)
+        assert torch.equal(fns._all_gather(t, pg), t) and calls.calls[-1][0] == "allGather"
+        assert torch.equal(fns._reduce_scatter(t, pg), t)
+        assert calls.calls[-1][0] == "reduceScatter"
+        dist.reduce(t, dst=0, op=dist.ReduceOp.SUM, group=pg)
+        assert t.tolist() == [0.0, 1.0, 2.0, 3.0] and calls.calls[-1][0] == "allReduce"
+        served: list[str] = []  # one rank's gather and scatter move nothing: spy on the calls
+        for name in ("gather", "scatter"):
+            real = getattr(nccl, name)
+            spy = lambda *a, _real=real, _name=name: served.append(_name) or _real(*a)  # noqa: E731
+            monkeypatch.setattr(nccl, name, spy)
+        gathered = [torch.empty(4)]
+        dist.gather(t, gathered, dst=0, group=pg)
+        scattered = torch.empty(4)
+        dist.scatter(scattered, [t], src=0, group=pg)
+        assert torch.equal(gathered[0], t) and torch.equal(scattered, t)
+        assert served == ["gather", "scatter"]
         with pytest.raises(TopoValueError, match="equal splits"):
             dist.all_to_all_single(torch.empty(4), t, [1, 3], [1, 3], group=pg)
     finally:

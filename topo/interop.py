@@ -439,6 +439,10 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
             t.copy_(self._comm(t).all_reduce(t.contiguous(), op))
         return _done(tensors)
 
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        """Served here for the reason :meth:`allgather_into_tensor_coalesced` gives."""
+        return self.allreduce(tensors, opts)
+
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         src = int(getattr(opts, "rootRank", 0))
         for t in tensors:
@@ -460,6 +464,18 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
 
     all_gather_single = _allgather_base
 
+    def allgather_into_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        """Served here rather than by torch's C++ default: torch's functional collectives call
+        it from C++ with the GIL held, and the default would enqueue on the gloo group
+        directly (see topo/communicators/handoff.py) or on a CUDA backend topo has not got."""
+        for output, x in zip(outputs, inputs, strict=True):
+            output.copy_(self._comm(x).all_gather(x.contiguous()).reshape(output.shape))
+        return _done(outputs)
+
+    all_gather_single_coalesced = allgather_into_tensor_coalesced  # the name in torch >= 2.12
+
     def reduce_scatter(
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None
     ) -> Any:
@@ -476,6 +492,48 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
         return _done([output])
 
     reduce_scatter_single = _reduce_scatter_base
+
+    def reduce_scatter_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        """Served here for the reason :meth:`allgather_into_tensor_coalesced` gives."""
+        op = _reduce_op(opts)
+        for output, x in zip(outputs, inputs, strict=True):
+            stacked = x.contiguous().reshape(self.size(), *output.shape)
+            output.copy_(self._comm(x).reduce_scatter(stacked, op))
+        return _done(outputs)
+
+    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced  # torch >= 2.12 name
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        op, dst = _reduce_op(opts), int(getattr(opts, "rootRank", 0))
+        for t in tensors:
+            reduced = self._comm(t).all_reduce(t.contiguous(), op)
+            if self.rank() == dst:
+                t.copy_(reduced)
+        return _done(tensors)
+
+    def gather(
+        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        dst = int(getattr(opts, "rootRank", 0))
+        for index, x in enumerate(inputs):
+            gathered = self._comm(x).gather(x.contiguous(), dst)
+            if gathered is not None:
+                for out, chunk in zip(outputs[index], gathered.unbind(0), strict=True):
+                    out.copy_(chunk)
+        return _done(outputs)
+
+    def scatter(
+        self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None
+    ) -> Any:
+        src = int(getattr(opts, "rootRank", 0))
+        for index, out in enumerate(outputs):
+            # topo's scatter takes the full (size, ...) shape on every rank; only the root's
+            # values are read, so the others hand a view of their output
+            chunks = torch.stack(inputs[index]) if inputs else out.expand(self.size(), *out.shape)
+            out.copy_(self._comm(out).scatter(chunks, src))
+        return _done(outputs)
 
     def alltoall_base(
         self,

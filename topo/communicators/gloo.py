@@ -19,6 +19,7 @@ import topo._dist as dist
 from topo.communicators.base import ReduceOp
 from topo.communicators.buffers import BufferPool
 from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
+from topo.communicators.handoff import HandedTensors, use_count
 from topo.communicators.rollcall import RollCall
 from topo.errors import CommunicationError, CommunicationTimeout
 
@@ -83,6 +84,7 @@ class GlooCommunicator:
             self._reduce_options[name] = opts
         self._barrier_options = dist.BarrierOptions()
         self.buffers = BufferPool()
+        self.handed = HandedTensors()  # see topo/communicators/handoff.py: no GIL deadlock
 
     @property
     def size(self) -> int:
@@ -119,13 +121,19 @@ class GlooCommunicator:
             f"errors [gloo: {text}]"
         )
 
-    def _run(self, operation: str, start: Callable[[], dist.Work]) -> None:
-        """Start one gloo operation and wait for it; any failure (also one gloo raises while
-        starting, as after an earlier timeout) becomes a :class:`CommunicationError`."""
+    def _run(
+        self, operation: str, start: Callable[[], dist.Work], tensors: Sequence[torch.Tensor]
+    ) -> None:
+        """Start one gloo operation on ``tensors`` (every tensor it hands to gloo) and wait for
+        it; any failure (also one gloo raises while starting, as after an earlier timeout)
+        becomes a :class:`CommunicationError`. The tensors stay alive until gloo's worker
+        thread has let go of them (:class:`~topo.communicators.handoff.HandedTensors`)."""
+        before = self.handed.counts(tensors)
         try:
             start().wait()
         except RuntimeError as error:
             raise self._error(operation, error) from None
+        self.handed.keep(tensors, before)
 
     # ------------------------------------------------------------- collectives
 
@@ -143,10 +151,12 @@ class GlooCommunicator:
     def _all_reduce(self, y: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         """Reduce ``y`` in place over the group."""
         pg = self._pg if self._pg is not None else self.pg
+        before = use_count(y)
         try:
             pg.allreduce([y], self._reduce_options[op]).wait()
         except RuntimeError as error:
             raise self._error("all_reduce", error) from None
+        self.handed.keep_one(y, before)
         if op == "avg":
             y /= self.size
         return y
@@ -156,8 +166,8 @@ class GlooCommunicator:
 
     def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """:meth:`all_gather` written into ``out`` (contiguous, ``(size, *x.shape)``)."""
-        moved, src = _as_bytes(out), _as_bytes(x)
-        self._run("all_gather", lambda: self.pg.allgather([list(moved.unbind(0))], [src]))
+        src, chunks = _as_bytes(x), list(_as_bytes(out).unbind(0))
+        self._run("all_gather", lambda: self.pg.allgather([chunks], [src]), [src, *chunks])
         return out
 
     def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
@@ -175,37 +185,37 @@ class GlooCommunicator:
             y.copy_(x)
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self._run("broadcast", lambda: self.pg.broadcast([_as_bytes(y)], opts))
+        moved = _as_bytes(y)
+        self._run("broadcast", lambda: self.pg.broadcast([moved], opts), [moved])
         return y
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         opts = dist.GatherOptions()
         opts.rootRank = dst
+        src = _as_bytes(x)
         if self.index != dst:
-            self._run("gather", lambda: self.pg.gather([], [_as_bytes(x)], opts))
+            self._run("gather", lambda: self.pg.gather([], [src], opts), [src])
             return None
         out = self.buffers.empty((self.size, *x.shape), x.dtype)
-        self._run(
-            "gather", lambda: self.pg.gather([list(_as_bytes(out).unbind(0))], [_as_bytes(x)], opts)
-        )
+        chunks = list(_as_bytes(out).unbind(0))
+        self._run("gather", lambda: self.pg.gather([chunks], [src], opts), [src, *chunks])
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
         out = self.buffers.empty(x.shape[1:], x.dtype)
         opts = dist.ScatterOptions()
         opts.rootRank = src
-        inputs = [list(_as_bytes(x).unbind(0))] if self.index == src else []
-        self._run("scatter", lambda: self.pg.scatter([_as_bytes(out)], inputs, opts))
+        chunks = list(_as_bytes(x).unbind(0)) if self.index == src else []
+        moved = _as_bytes(out)
+        inputs = [chunks] if self.index == src else []
+        self._run("scatter", lambda: self.pg.scatter([moved], inputs, opts), [moved, *chunks])
         return out
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         out = self.buffers.empty_like(x)
-        self._run(
-            "all_to_all",
-            lambda: self.pg.alltoall_base(
-                _as_bytes(out), _as_bytes(x), [], [], dist.AllToAllOptions()
-            ),
-        )
+        dst, src = _as_bytes(out), _as_bytes(x)
+        options = dist.AllToAllOptions()
+        self._run("all_to_all", lambda: self.pg.alltoall_base(dst, src, [], [], options), [dst, src])
         return out
 
     def exchange(
@@ -213,19 +223,26 @@ class GlooCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
+        into = [(peer, _as_bytes(buf)) for peer, buf in recvs]
+        out = [(peer, _as_bytes(t)) for peer, t in sends]
+        tensors = [t for _, t in into + out]
+        before = self.handed.counts(tensors)
         try:
-            works = [self.pg.recv([_as_bytes(buf)], peer, 0) for peer, buf in recvs]
-            works += [self.pg.send([_as_bytes(t)], peer, 0) for peer, t in sends]
+            works = [self.pg.recv([buf], peer, 0) for peer, buf in into]
+            works += [self.pg.send([t], peer, 0) for peer, t in out]
             for work in works:
                 work.wait()
         except RuntimeError as error:
             raise self._error("send/recv", error) from None
+        del works  # each Work refers to its tensors
+        self.handed.keep(tensors, before)
 
     def barrier(self) -> None:
-        self._run("barrier", lambda: self.pg.barrier(self._barrier_options))
+        self._run("barrier", lambda: self.pg.barrier(self._barrier_options), ())
 
     def close(self, abort: bool = False) -> None:
         self.buffers.clear()
+        self.handed.sweep()  # the rest go with this object, after the workers let go
         pg, self._pg = self._pg, None
         if pg is not None and abort and hasattr(pg, "abort"):
             with contextlib.suppress(RuntimeError):
