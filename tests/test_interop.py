@@ -9,6 +9,9 @@ tests/test_nccl.py.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +148,28 @@ def test_fsdp2_tp_example_equals_single_process(reports: list[dict[str, Any]]) -
         assert result["params"].keys() == ref["params"].keys()
         for name, param in ref["params"].items():
             assert torch.allclose(result["params"][name], param, atol=1e-5), name
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_tp_example_under_torchrun(closed_port: int) -> None:
+    """The example as its docstring launches it with torchrun: every rank compares its loss and
+    parameters with the single-process reference and exits non-zero on a difference."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+        "--master-addr=127.0.0.1", f"--master-port={closed_port}", str(EXAMPLES / "fsdp2_tp.py"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=SPAWN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {SPAWN_TIMEOUT} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    assert "torchrun: loss" in out and "max |diff| vs reference" in out, out[-3000:]
 
 
 @pytest.mark.multiprocess
