@@ -71,6 +71,14 @@ def _groups(ctx: topo.MeshContext) -> dict[str, Any]:
         dist.all_to_all_single(a2a, x, group=pg)
         listed = [torch.empty(4, 2) for _ in range(pg.size())]
         dist.all_gather(listed, x, group=pg)
+        first, last = dist.get_global_rank(pg, 0), dist.get_global_rank(pg, pg.size() - 1)
+        reduced_to_last = x.clone()
+        dist.reduce(reduced_to_last, dst=last, group=pg)
+        gathered_at_first = [torch.empty(4, 2) for _ in range(pg.size())] if ctx.rank == first else None
+        dist.gather(x, gathered_at_first, dst=first, group=pg)
+        scattered_from_first = torch.empty(4 // pg.size(), 2)
+        chunks = list(x.chunk(pg.size())) if ctx.rank == first else None
+        dist.scatter(scattered_from_first, chunks, src=first, group=pg)
         out[key] = {
             "same": topo.torch_group(axis, device_type=device_type) is pg,
             "all_to_all": a2a,
@@ -87,6 +95,10 @@ def _groups(ctx: topo.MeshContext) -> dict[str, Any]:
             "f_all_reduce": funcol.all_reduce(x, "sum", pg).wait(),
             "f_all_gather": funcol.all_gather_tensor(x, 0, pg).wait(),
             "f_by_name": funcol.all_reduce(x, "sum", pg.group_name).wait(),
+            "f_reduce_scatter": _reduce_scatter(x, pg),
+            "reduce": reduced_to_last if ctx.rank == last else None,
+            "gather": None if gathered_at_first is None else torch.cat(gathered_at_first),
+            "scatter": scattered_from_first,
             "name": pg.group_name,
         }
     return out

@@ -77,6 +77,13 @@ def test_groups_match_references(reports: list[dict[str, Any]]) -> None:
             assert torch.equal(got["f_all_reduce"], total)
             assert torch.equal(got["f_by_name"], total)
             assert torch.equal(got["f_all_gather"], torch.cat(inputs))
+            assert torch.equal(got["f_reduce_scatter"], total[chunk])
+            last = index == len(group) - 1
+            assert (got["reduce"] is not None) == last  # reduce / gather / scatter: by root
+            assert not last or torch.equal(got["reduce"], total)
+            assert (got["gather"] is not None) == (index == 0)
+            assert index != 0 or torch.equal(got["gather"], torch.cat(inputs))
+            assert torch.equal(got["scatter"], inputs[0][chunk])
     names = {report["groups"]["tp"]["name"] for report in reports}
     assert len(names) == len(MESH.groups("tp"))  # one name per group, the same on its ranks
 

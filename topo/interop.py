@@ -469,7 +469,8 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
     ) -> Any:
         """Served here rather than by torch's C++ default: torch's functional collectives call
         it from C++ with the GIL held, and the default would enqueue on the gloo group
-        directly (see topo/communicators/handoff.py) or on a CUDA backend topo has not got."""
+        directly (a deadlock with gloo's worker thread: docs/interop.md, "A deadlock with
+        torch's functional collectives") or on a CUDA backend topo has not got."""
         for output, x in zip(outputs, inputs, strict=True):
             output.copy_(self._comm(x).all_gather(x.contiguous()).reshape(output.shape))
         return _done(outputs)
@@ -506,6 +507,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
     reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced  # torch >= 2.12 name
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        """An all-reduce of which only the root keeps the result (others' tensors unchanged)."""
         op, dst = _reduce_op(opts), int(getattr(opts, "rootRank", 0))
         for t in tensors:
             reduced = self._comm(t).all_reduce(t.contiguous(), op)
