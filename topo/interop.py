@@ -472,7 +472,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
         directly (a deadlock with gloo's worker thread: docs/interop.md, "A deadlock with
         torch's functional collectives") or on a CUDA backend topo has not got."""
         for output, x in zip(outputs, inputs, strict=True):
-            output.copy_(self._comm(x).all_gather(x.contiguous()).reshape(output.shape))
+            self._allgather_base(output, x, opts)
         return _done(outputs)
 
     all_gather_single_coalesced = allgather_into_tensor_coalesced  # the name in torch >= 2.12
@@ -498,10 +498,8 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
     ) -> Any:
         """Served here for the reason :meth:`allgather_into_tensor_coalesced` gives."""
-        op = _reduce_op(opts)
         for output, x in zip(outputs, inputs, strict=True):
-            stacked = x.contiguous().reshape(self.size(), *output.shape)
-            output.copy_(self._comm(x).reduce_scatter(stacked, op))
+            self._reduce_scatter_base(output, x, opts)
         return _done(outputs)
 
     reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced  # torch >= 2.12 name
