@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.topo-installed
 
-.PHONY: demo test lint plan clean
+.PHONY: demo test lint contract plan clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The contract with the real cupy (no GPU needed): installs the `nccl` extra into the venv (CI
+# runs it after `make test`; the two README commands never install the GPU wheels).
+contract: $(STAMP)
+	$(BIN)/pip install -q -e ".[nccl]"
+	TOPO_REQUIRE_CUPY=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cupy_contract.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check topo tests benchmarks

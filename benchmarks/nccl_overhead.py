@@ -279,7 +279,7 @@ class _Peers:
         from cupy.cuda import nccl
 
         import topo
-        from topo.communicators.nccl import decode_unique_id, encode_unique_id
+        from topo.communicators.nccl import encode_unique_id, unique_id_argument
 
         ctx = topo.current()
         self.ctx, self.nccl, self.torch = ctx, nccl, torch
@@ -293,7 +293,7 @@ class _Peers:
             encode_unique_id(nccl.get_unique_id()) if rank == 0 else None, src=ranks[0], ranks=ranks
         )
         with torch.cuda.device(self.device):
-            self.raw = nccl.NcclCommunicator(2, decode_unique_id(data), rank)
+            self.raw = nccl.NcclCommunicator(2, unique_id_argument(data), rank)
         store = dist.PrefixStore(ctx.coordinator.key("bench-pg-nccl"), ctx.coordinator.store)
         opts = dist.ProcessGroupNCCL.Options()  # type: ignore[attr-defined]
         self.pg: Any = dist.ProcessGroupNCCL(store, rank, 2, opts)  # type: ignore[attr-defined]

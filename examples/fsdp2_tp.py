@@ -1,9 +1,14 @@
-"""FSDP2 over ``dp`` and DTensor tensor parallelism over ``tp`` on a topo mesh (2×2, CPU/gloo).
+"""FSDP2 over ``dp`` and DTensor tensor parallelism over ``tp`` on a topo mesh (2×2).
 
 A tiny transformer block (attention + MLP) is split with torch's tensor-parallel plan over the
 ``tp`` axis and sharded with ``fully_shard`` over the ``dp`` axis of one topo mesh; one SGD step
 must give the loss and parameters of the same block trained in a single process on the whole
 batch.
+
+It runs on CUDA (NCCL) when every local rank has a GPU of its own, else on CPU (gloo): NCCL
+refuses two ranks of one communicator on one GPU, so on a machine with fewer GPUs than ranks
+(one GPU and 4 ranks, say) the example picks gloo. ``TOPO_EXAMPLE_DEVICE=cpu`` or ``=cuda``
+forces the choice.
 
 Run it either way::
 
@@ -81,6 +86,17 @@ def _fully_shard() -> Any:
     return fully_shard
 
 
+def device_type(ctx: topo.MeshContext) -> str:
+    """``"cuda"`` when each local rank has a GPU of its own, else ``"cpu"`` (gloo); the
+    environment variable ``TOPO_EXAMPLE_DEVICE`` overrides."""
+    forced = os.environ.get("TOPO_EXAMPLE_DEVICE")
+    if forced in ("cpu", "cuda"):
+        return forced
+    if torch.cuda.is_available() and torch.cuda.device_count() >= ctx.world.local_world_size:
+        return "cuda"
+    return "cpu"
+
+
 def train_step() -> dict[str, Any]:
     """One step on this rank of the active topo mesh: TP over ``tp``, FSDP2 over ``dp``."""
     from torch.distributed.tensor.parallel import (
@@ -92,22 +108,26 @@ def train_step() -> dict[str, Any]:
     # full_tensor() of a 2-D sharded parameter warns that it gathers twice: expected here.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     ctx = topo.current()
-    mesh = ctx.torch_mesh()  # a torch DeviceMesh with mesh_dim_names ("dp", "tp")
-    model = build()
+    kind = device_type(ctx)
+    device = ctx.device if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+    mesh = ctx.torch_mesh(device_type=kind)  # a torch DeviceMesh with names ("dp", "tp")
+    model = build().to(device)
     plan = {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(),
             "out": RowwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel()}
     parallelize_module(model, mesh["tp"], plan)
     _fully_shard()(model, mesh=mesh["dp"])
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
 
-    x, y = batch()
+    x, y = (t.to(device) for t in batch())
     rows = BATCH // ctx.axis_size("dp")
     dp = ctx.axis_index("dp")
     loss = F.mse_loss(model(x[dp * rows : (dp + 1) * rows]), y[dp * rows : (dp + 1) * rows])
     loss.backward()  # FSDP2 averages the gradients over dp; TP's collectives run over tp
     optimizer.step()
     mean_loss = topo.all_reduce(loss.detach(), axis="dp", op="avg")
-    params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    params = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
     return {"loss": mean_loss.item(), "params": params}
 
 

@@ -1,12 +1,17 @@
 """Reproduce every GPU claim of topo on a machine with one GPU; append the results to docs/gpu.md.
 
 Run through ``scripts/gpu-check`` (which picks the Python: ``python3``, or ``PYTHON=...``).
-Steps, each bounded by a timeout, about 2-3 minutes in all:
+Steps, each bounded by a timeout, about 3-4 minutes in all:
 
 1. preflight: torch with CUDA, a GPU, cupy with NCCL (any build: cupy-cuda12x or
    cupy-cuda13x); otherwise exit 2 with a one-line reason;
-2. the NCCL tests, ``tests/test_nccl.py`` and ``tests/test_nccl_fake.py`` (the GPU tests
-   run 4 ranks on the one GPU through ``topo.spawn(..., share_gpu=True)``);
+2. the NCCL tests, ``tests/test_nccl.py``, ``tests/test_nccl_fake.py`` and
+   ``tests/test_gpu_paths.py`` (the GPU tests run 4 ranks on the one GPU through
+   ``topo.spawn(..., share_gpu=True)``). test_gpu_paths runs every CUDA path — each collective
+   and v-collective, tensor dicts, objects, weight transfer (packed, not, over a bridge),
+   ``torch_group``/``torch_mesh`` (DTensor, one FSDP2 step), gradients of every
+   differentiable collective and the regions, ``torch.compile`` forward and backward, CUDA
+   graphs, the watchdog — and compares each with the gloo result of the same function;
 3. ``benchmarks/nccl_overhead.py --sweep``: host cost per call against raw cupy and
    ProcessGroupNCCL (one rank, then the free functions on 2 ranks), CUDA-graph replay, and
    the 4 B - 64 MiB latency side-by-side with ProcessGroupNCCL on 2 ranks;
@@ -14,7 +19,8 @@ Steps, each bounded by a timeout, about 2-3 minutes in all:
    (``--no-write`` only prints it).
 
 Nothing here uses the network. Exit status: 0 if every step passed, 1 if a test or the
-benchmark failed (the section is still written, saying so), 2 if the machine cannot run it.
+benchmark failed (the section is still written, saying so, and the last line names every
+failed path and test), 2 if the machine cannot run it.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "gpu.md"
-TESTS = ("tests/test_nccl.py", "tests/test_nccl_fake.py")
+TESTS = ("tests/test_nccl.py", "tests/test_nccl_fake.py", "tests/test_gpu_paths.py")
+#: The GPU path tests, one per path: their ids name the paths in the report.
+PATH_TEST = "test_path_on_a_shared_gpu_matches_gloo"
 
 
 class Unfit(Exception):
@@ -108,6 +117,10 @@ def _cupy_distribution() -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit (``GPU_CHECK_COMMIT`` where the copy has no git history)."""
+    given = os.environ.get("GPU_CHECK_COMMIT")
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -143,12 +156,58 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, float]:
 
 
 def run_tests(timeout: float) -> dict[str, Any]:
-    status, output, seconds = _run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], timeout
-    )
+    """The tests, with every test's outcome (from pytest's JUnit XML)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "tests.xml"
+        status, output, seconds = _run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+             f"--junitxml={xml}", *TESTS],
+            timeout,
+        )  # fmt: skip
+        cases = outcomes(xml.read_text()) if xml.exists() else {}
     summary = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed)", line)]
     return {"status": status, "summary": summary[-1].strip("= ") if summary else "no summary",
-            "seconds": seconds}  # fmt: skip
+            "seconds": seconds, "cases": cases}  # fmt: skip
+
+
+def outcomes(junit_xml: str) -> dict[str, str]:
+    """``{test id: "passed" | "failed" | "error" | "skipped"}`` from pytest's JUnit XML.
+
+    Example::
+
+        outcomes(Path("tests.xml").read_text())["test_gpu_paths.py::test_x[collectives]"]
+    """
+    found: dict[str, str] = {}
+    for case in ET.fromstring(junit_xml).iter("testcase"):
+        name = f"{case.get('classname', '').rpartition('.')[2]}.py::{case.get('name', '')}"
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+        found[name] = outcome
+    return found
+
+
+def path_results(cases: dict[str, str]) -> dict[str, str]:
+    """Each CUDA path's outcome, from the ids of test_gpu_paths's parametrized test."""
+    paths: dict[str, str] = {}
+    for name, outcome in cases.items():
+        head, _, param = name.partition(f"::{PATH_TEST}[")
+        if param and head.endswith("test_gpu_paths.py"):
+            paths[param.rstrip("]")] = outcome
+    return paths
+
+
+def failures(tests: dict[str, Any], bench_status: int) -> list[str]:
+    """What failed, one phrase each (paths first), for the last line of the output."""
+    cases: dict[str, str] = tests.get("cases", {})
+    failed = [f"path '{p}'" for p, o in path_results(cases).items() if o in ("failed", "error")]
+    failed += [n for n, o in cases.items() if o in ("failed", "error") and PATH_TEST not in n]
+    if tests["status"] != 0 and not failed:
+        failed.append(f"the tests (status {tests['status']}: {tests['summary']})")
+    if bench_status != 0:
+        failed.append(f"the benchmark (status {bench_status})")
+    return failed
 
 
 def run_benchmark(timeout: float) -> tuple[int, dict[str, Any], float]:
@@ -182,6 +241,17 @@ def section(machine: dict[str, str], tests: dict[str, Any], bench_status: int,
         f"{bench_seconds:.0f} s",
         "",
     ]
+    paths = path_results(tests.get("cases", {}))
+    if paths:
+        marks = {"passed": "ok", "skipped": "skipped"}
+        lines += [
+            "Every CUDA path against gloo (tests/test_gpu_paths.py, 4 ranks sharing the GPU):",
+            "",
+            "| path | result |",
+            "|---|---|",
+            *[f"| {p} | {marks.get(o, o.upper())} |" for p, o in paths.items()],
+            "",
+        ]
     if results.get("two_rank"):
         lines += [
             f"Host µs per call, 2 ranks sharing the GPU, {results.get('two_rank_elements', 16)} "
@@ -207,9 +277,9 @@ def section(machine: dict[str, str], tests: dict[str, Any], bench_status: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print the section only")
-    parser.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the tests")
+    parser.add_argument("--test-timeout", type=float, default=230.0, help="seconds for the tests")
     parser.add_argument(
-        "--bench-timeout", type=float, default=200.0, help="seconds for the benchmark"
+        "--bench-timeout", type=float, default=150.0, help="seconds for the benchmark"
     )
     args = parser.parse_args(argv)
     try:
@@ -228,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         with DOC.open("a", encoding="utf-8") as doc:
             doc.write("\n" + text)
         print(f"gpu-check: appended a section to {DOC.relative_to(ROOT)}:\n\n{text}")
-    ok = tests["status"] == 0 and bench_status == 0
-    if not ok:
-        print("gpu-check: FAILED (see the output above)", file=sys.stderr)
-    return 0 if ok else 1
+    failed = failures(tests, bench_status)
+    if failed:
+        print(f"gpu-check: FAILED: {'; '.join(failed)}", file=sys.stderr)
+        return 1
+    paths = path_results(tests["cases"])
+    print(f"gpu-check: ok: {tests['summary']}; {len(paths)} CUDA paths match gloo")
+    return 0
 
 
 if __name__ == "__main__":

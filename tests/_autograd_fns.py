@@ -9,6 +9,7 @@ inputs (tests/test_autograd.py).
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +35,17 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("scatter dp,tp src3 dim0", "scatter", {"axis": ("dp", "tp"), "src": 3, "dim": 0}),
     ("gather tp dst1 dim1", "gather", {"axis": "tp", "dst": 1, "dim": 1}),
     ("all_to_all tp 0->1", "all_to_all", {"axis": "tp", "split_dim": 0, "concat_dim": 1}),
-    ("all_to_all dp,tp 0->1", "all_to_all", {"axis": ("dp", "tp"), "split_dim": 0, "concat_dim": 1}),
+    (
+        "all_to_all dp,tp 0->1",
+        "all_to_all",
+        {"axis": ("dp", "tp"), "split_dim": 0, "concat_dim": 1},
+    ),
     ("ppermute tp one pair", "ppermute", {"axis": "tp", "perm": [(0, 1)]}),
-    ("ppermute dp,tp ring", "ppermute", {"axis": ("dp", "tp"), "perm": [(0, 2), (2, 3), (3, 1), (1, 0)]}),
+    (
+        "ppermute dp,tp ring",
+        "ppermute",
+        {"axis": ("dp", "tp"), "perm": [(0, 2), (2, 3), (3, 1), (1, 0)]},
+    ),
     ("shift dp,tp +1 nowrap", "shift", {"axis": ("dp", "tp"), "offset": 1, "wrap": False}),
     ("shift tp -1 wrap", "shift", {"axis": "tp", "offset": -1, "wrap": True}),
 ]
@@ -90,20 +99,58 @@ def _collective(name: str) -> Callable[..., Any]:
     return fn
 
 
-def grad_cases() -> dict[str, Any]:
-    """Every case of CASES on this rank: forward value and gradient of ``(y * w).sum()``."""
+def backward(loss: torch.Tensor, elsewhere: bool = False) -> None:
+    """``loss.backward()``, here or (``elsewhere``) in a new thread with no active mesh — as
+    torch's autograd engine runs the backward of CUDA tensors on its own device thread."""
+    if not elsewhere:
+        loss.backward()
+        return
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            assert topo.active_contexts() == ()  # nothing inherited: like autograd's threads
+            loss.backward()
+        except BaseException as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=run, name="backward elsewhere")
+    thread.start()
+    thread.join(100)
+    if thread.is_alive():
+        raise TimeoutError("the backward in another thread did not finish in 100 s")
+    if failed:
+        raise failed[0]
+
+
+def _device(device: str) -> torch.device:
+    return topo.current().device if device == "cuda" else torch.device("cpu")
+
+
+def _cpu(value: Any) -> Any:
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def grad_cases(elsewhere: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Every case of CASES on this rank: forward value and gradient of ``(y * w).sum()``
+    (the backward in another thread with ``elsewhere``; on ``device`` tensors, whose backward
+    autograd runs on its own device thread for CUDA)."""
     rank = topo.current().world.rank
+    dev = _device(device)
     report: dict[str, Any] = {}
     for i, (case, name, kw) in enumerate(CASES):
         kwargs = {k: v for k, v in kw.items() if k != "shape"}
-        x = rank_input(rank, i, kw.get("shape", SHAPE))
+        x = rank_input(rank, i, kw.get("shape", SHAPE)).to(dev)
         if name == "gather" and topo.axis_index(kwargs["axis"]) != kwargs["dst"]:
-            report[case] = (_collective(name)(x, **kwargs), None)  # off dst: no grad asked
+            report[case] = (_cpu(_collective(name)(x, **kwargs)), None)  # off dst: no grad
             continue
         x.requires_grad_(True)
         y = _collective(name)(x, **kwargs)
-        (y * loss_weight(rank, i, tuple(y.shape))).sum().backward()
-        report[case] = (y.detach(), x.grad)
+        weight = loss_weight(rank, i, tuple(y.shape)).to(dev)
+        backward((y * weight).sum(), elsewhere)
+        report[case] = (_cpu(y.detach()), _cpu(x.grad))
+    if elsewhere or device != "cpu":
+        return report
     errors = []
     for name, kwargs in NO_GRAD_CASES:
         x = rank_input(rank, 0).requires_grad_(True)
@@ -134,10 +181,12 @@ def mlp_params() -> dict[str, torch.Tensor]:
     }
 
 
-def tp_mlp() -> dict[str, Any]:
+def tp_mlp(elsewhere: bool = False, device: str = "cpu") -> dict[str, Any]:
     """A 2-way tensor-parallel MLP over axis 'tp': column-parallel then row-parallel linear,
-    with Megatron's regions; returns the loss and this rank's gradients."""
-    p = mlp_params()
+    with Megatron's regions; returns the loss and this rank's gradients (the backwards in
+    another thread with ``elsewhere``; on ``device`` tensors)."""
+    dev = _device(device)
+    p = {k: v.to(dev) for k, v in mlp_params().items()}
     i, n = topo.axis_index("tp"), topo.axis_size("tp")
     cols = slice(i * 6 // n, (i + 1) * 6 // n)
     x = p["x"].clone().requires_grad_(True)
@@ -146,12 +195,13 @@ def tp_mlp() -> dict[str, Any]:
     h = torch.nn.functional.gelu(topo.autograd.copy_to(x, "tp") @ w1)
     y = topo.autograd.reduce_from(h @ w2, "tp")
     loss = ((y - p["t"]) ** 2).mean()
-    loss.backward()
+    backward(loss, elsewhere)
     # scatter_to / gather_from: a round trip whose gradient is the identity's
     u = p["x"].clone().requires_grad_(True)
     v = topo.autograd.gather_from(topo.autograd.scatter_to(u, "tp", dim=-1) * 3.0, "tp", dim=-1)
-    (v * p["t"]).sum().backward()
-    return {"loss": loss.detach(), "x": x.grad, "w1": w1.grad, "w2": w2.grad, "u": u.grad}
+    backward((v * p["t"]).sum(), elsewhere)
+    grads = {"loss": loss.detach(), "x": x.grad, "w1": w1.grad, "w2": w2.grad, "u": u.grad}
+    return {k: _cpu(v) for k, v in grads.items()}
 
 
 def out_cases() -> dict[str, Any]:
@@ -176,7 +226,13 @@ def out_cases() -> dict[str, Any]:
 
 
 def everything() -> dict[str, Any]:
-    return {"grads": grad_cases(), "mlp": tp_mlp(), "out": out_cases()}
+    return {
+        "grads": grad_cases(),
+        "mlp": tp_mlp(),
+        "out": out_cases(),
+        "grads_elsewhere": grad_cases(elsewhere=True),
+        "mlp_elsewhere": tp_mlp(elsewhere=True),
+    }
 
 
 # ------------------------------------------------------------------ torch.compile (tp=2)
@@ -197,9 +253,7 @@ OPCHECK_ARGS: dict[str, Callable[[torch.Tensor], tuple[Any, ...]]] = {
 }
 
 
-def model(
-    x: torch.Tensor, w: torch.Tensor, use: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def model(x: torch.Tensor, w: torch.Tensor, use: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Several collectives and two regions in one differentiable function, plus an all_reduce
     whose result is ignored where ``use`` is false and a gather (``None`` off dst)."""
     a = topo.all_reduce(x * w, "tp")
@@ -231,13 +285,19 @@ def compiled_checks() -> dict[str, Any]:
     # inductor's peak-memory reordering (torch 2.13) ignores the effect-token order between
     # independent collectives: turn it off for graphs with collectives (docs/compile.md)
     options = {"reorder_for_peak_memory": False}
-    compiled, gathered = torch.compile(model, fullgraph=True, options=options)(x, w, use)
+    compiled_model = torch.compile(model, fullgraph=True, options=options)
+    compiled, gathered = compiled_model(x, w, use)
     compiled.backward()
     report: dict[str, Any] = {
         "eager": (eager.detach(), *eager_grads, eager_gathered),
         "compiled": (compiled.detach(), x.grad, w.grad, gathered),
         "compile_s": time.perf_counter() - started,
     }
+    # the compiled graph again, its backward in a thread with no active mesh
+    x.grad = w.grad = None
+    again, gathered = compiled_model(x, w, use)
+    backward(again, elsewhere=True)
+    report["compiled_elsewhere"] = (again.detach(), x.grad, w.grad, gathered)
     started = time.perf_counter()
     checked = []
     for name, args in OPCHECK_ARGS.items():

@@ -108,15 +108,15 @@ def _mesh(ctx: topo.MeshContext) -> dict[str, Any]:
     """The torch DeviceMesh's layout and groups, and DTensor sharding on it."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dm = ctx.torch_mesh()
+    dm = ctx.torch_mesh(device_type="cpu")  # gloo: a GPU, if any, is not one per rank
     out: dict[str, Any] = {
-        "same": ctx.torch_mesh() is dm and topo.torch_mesh() is dm,
+        "same": ctx.torch_mesh(device_type="cpu") is dm and topo.torch_mesh(device_type="cpu") is dm,
         "names": dm.mesh_dim_names,
         "layout": dm.mesh.tolist(),
         "coordinate": dm.get_coordinate(),
         "groups": {n: dist.get_process_group_ranks(dm.get_group(n)) for n in ("dp", "tp")},
         "local_ranks": {n: dm.get_local_rank(n) for n in ("dp", "tp")},
-        "group_is_topo": dm.get_group("tp") is ctx.torch_group("tp"),
+        "group_is_topo": dm.get_group("tp") is ctx.torch_group("tp", device_type="cpu"),
     }
     w = weight()
     sharded = distribute_tensor(w, dm, [Shard(0), Shard(1)])
@@ -125,9 +125,9 @@ def _mesh(ctx: topo.MeshContext) -> dict[str, Any]:
     rows = distribute_tensor(w, dm, [Replicate(), Shard(0)])
     out["matmul"] = (rows @ rows.T).full_tensor()  # a DTensor op with communication
     out["rowsum"] = rows.sum(dim=1).full_tensor()
-    transposed = ctx.torch_mesh(("tp", "dp"))
+    transposed = ctx.torch_mesh(("tp", "dp"), device_type="cpu")
     out["transposed"] = (transposed.mesh_dim_names, transposed.mesh.tolist())
-    flat = ctx.torch_mesh((("dp", "tp"),))
+    flat = ctx.torch_mesh((("dp", "tp"),), device_type="cpu")
     out["flat"] = (flat.mesh_dim_names, flat.mesh.tolist())
     out["from_torch"] = repr(DeviceMesh.from_torch(dm))
     return out
@@ -137,10 +137,10 @@ def _teardown(world: topo.World) -> dict[str, Any]:
     """Two activations, each with its own torch mesh; what remains registered after each."""
     out: dict[str, Any] = {"before": _torch_state()}
     with DeviceMesh(dp=2, tp=2).activate(world, name="interop-a", timeout=WAIT) as a:
-        mesh_a = a.torch_mesh()
+        mesh_a = a.torch_mesh(device_type="cpu")
         out["default_a"] = _torch_state()["default"]
         with DeviceMesh(x=4).activate(world, name="interop-b", timeout=WAIT) as b:
-            mesh_b = b.torch_mesh()
+            mesh_b = b.torch_mesh(device_type="cpu")
             names_b = [mesh_b.get_group("x").group_name]
             t = torch.ones(2) * world.rank
             dist.all_reduce(t, group=mesh_b.get_group("x"))
@@ -155,7 +155,7 @@ def _teardown(world: topo.World) -> dict[str, Any]:
     out["a_resolvable"] = [_resolvable(n) for n in names_a]
     out["is_initialized"] = dist.is_initialized()
     try:
-        a.torch_mesh()
+        a.torch_mesh(device_type="cpu")
     except topo.NoActiveMeshError as error:
         out["closed_error"] = str(error)
     return out
@@ -175,11 +175,11 @@ def _user_default(world: topo.World, shuffled: bool) -> dict[str, Any]:
     # Without shuffling, topo rendezvouses through the user's store (no second TCPStore).
     reuse = {} if shuffled else {"store": topo.torch_store()}
     with DeviceMesh(dp=2, tp=2).activate(world, name=name, timeout=WAIT, **reuse) as ctx:
-        pg = ctx.torch_group("tp")
+        pg = ctx.torch_group("tp", device_type="cpu")
         out["tp_rank"] = dist.get_rank(pg)
         out["ranks"] = dist.get_process_group_ranks(pg)
         out["inside_is_user"] = c10d._world.default_pg is user
-        dm = ctx.torch_mesh()
+        dm = ctx.torch_mesh(device_type="cpu")
         out["coordinate"] = dm.get_coordinate()
     out["after_is_user"] = c10d._world.default_pg is user
     out["after_rank"] = dist.get_rank()

@@ -31,6 +31,14 @@ def spawn_timeout() -> int:
     return SPAWN_TIMEOUT
 
 
+@pytest.fixture(params=[14, 13], ids=["cupy14", "cupy13"])
+def cupy_major(request: pytest.FixtureRequest) -> int:
+    """The cupy major version the strict fake cupy (tests/_fake_cupy.py) models: 14 (bytes
+    unique ids, what ``topo[nccl]`` installs today) and 13 (tuples)."""
+    major: int = request.param
+    return major
+
+
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A loopback port that another socket is listening on for the duration of the test."""

@@ -60,7 +60,9 @@ def _reference(i: int, name: str, kw: dict[str, Any]) -> tuple[list[Any], list[A
     for r in range(MESH.size):
         group = MESH.group(kw["axis"], r)
         ys.append(_emulate(name, kw, [xs[q] for q in group], group.index(r)))
-    total = sum((y * fns.loss_weight(r, i, tuple(y.shape))).sum() for r, y in enumerate(ys) if y is not None)
+    total = sum(
+        (y * fns.loss_weight(r, i, tuple(y.shape))).sum() for r, y in enumerate(ys) if y is not None
+    )
     total.backward()  # type: ignore[union-attr]
     # an input that reaches no loss (broadcast/scatter off src) has a zero gradient
     return ys, [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
@@ -74,14 +76,17 @@ def report() -> list[Any]:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("where", ["grads", "grads_elsewhere"], ids=["here", "backward_elsewhere"])
 @pytest.mark.parametrize(("i", "case"), list(enumerate(fns.CASES)), ids=[c[0] for c in fns.CASES])
 def test_gradient_matches_single_process_reference(
-    report: list[Any], i: int, case: tuple[str, str, dict[str, Any]]
+    report: list[Any], i: int, case: tuple[str, str, dict[str, Any]], where: str
 ) -> None:
+    """``backward_elsewhere``: the backward runs in a new thread with no active mesh, as
+    autograd runs the backward of CUDA tensors on its own device thread."""
     label, name, kw = case
     ys, grads = _reference(i, name, kw)
     for r in range(MESH.size):
-        y, grad = report[r]["grads"][label]
+        y, grad = report[r][where][label]
         if ys[r] is None:
             assert y is None, (label, r)
             continue
@@ -112,13 +117,15 @@ def test_gather_off_dst_with_grad_raises_at_forward(report: list[Any]) -> None:
 
 
 @pytest.mark.multiprocess
-def test_tensor_parallel_mlp_matches_unsharded(report: list[Any]) -> None:
+@pytest.mark.parametrize("where", ["mlp", "mlp_elsewhere"], ids=["here", "backward_elsewhere"])
+def test_tensor_parallel_mlp_matches_unsharded(report: list[Any], where: str) -> None:
+    """The four Megatron regions; ``backward_elsewhere`` as in the test above."""
     p = fns.mlp_params()
     x, w1, w2 = (p[k].clone().requires_grad_(True) for k in ("x", "w1", "w2"))
     loss = ((torch.nn.functional.gelu(x @ w1) @ w2 - p["t"]) ** 2).mean()
     loss.backward()
     for r in range(MESH.size):
-        got = report[r]["mlp"]
+        got = report[r][where]
         i = MESH.axis_index("tp", r)
         cols = slice(i * 3, (i + 1) * 3)
         torch.testing.assert_close(got["loss"], loss.detach())

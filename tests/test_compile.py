@@ -25,6 +25,10 @@ def test_compiled_collectives_match_eager_and_are_never_dropped(tmp_path: Any) -
     for rank, report in enumerate(reports):
         for eager, compiled in zip(report["eager"], report["compiled"], strict=True):
             torch.testing.assert_close(compiled, eager, msg=f"rank {rank}")
+        # the same graph with its backward in a thread with no active mesh (autograd's own
+        # device thread for CUDA tensors)
+        for eager, elsewhere in zip(report["eager"], report["compiled_elsewhere"], strict=True):
+            torch.testing.assert_close(elsewhere, eager, msg=f"rank {rank}, backward elsewhere")
         assert report["opcheck"] == list(fns.OPCHECK_ARGS)
     assert reports[0]["compiled"][3] is not None
     assert reports[1]["compiled"][3] is None  # gather: None off dst, compiled as eager

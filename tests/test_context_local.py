@@ -192,7 +192,7 @@ def test_innermost_context_with_the_axis_wins() -> None:
         DeviceMesh(tp=1, sp=1).activate(WORLD, store=STORE) as outer,
         DeviceMesh(tp=1).activate(WORLD, store=STORE, name="shadow") as inner,
     ):
-        from topo.context import find_context
+        from topo.active import find_context
 
         assert find_context("tp", "test")[0] is inner
         assert find_context("sp", "test")[0] is outer

@@ -87,6 +87,40 @@ def test_section_for_docs(check: ModuleType) -> None:
     assert "FAILED, status 1" in failed and "FAILED, status 124" in failed
 
 
+_JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_nccl" name="test_dtype_map_matches_nccl_h" time="0.1"/>
+<testcase classname="tests.test_nccl" name="test_gpu_x" time="1"><skipped message="no"/></testcase>
+<testcase classname="tests.test_gpu_paths"
+ name="test_path_on_a_shared_gpu_matches_gloo[collectives]" time="1"/>
+<testcase classname="tests.test_gpu_paths"
+ name="test_path_on_a_shared_gpu_matches_gloo[CUDA graphs]" time="1"><failure message="x"/>
+</testcase>
+<testcase classname="tests.test_nccl_fake" name="test_watchdog[cupy14]" time="1">
+<error message="boom"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_every_failed_path_and_test_is_named(check: ModuleType) -> None:
+    cases = check.outcomes(_JUNIT)
+    assert cases["test_nccl.py::test_dtype_map_matches_nccl_h"] == "passed"
+    assert cases["test_nccl.py::test_gpu_x"] == "skipped"
+    assert cases["test_nccl_fake.py::test_watchdog[cupy14]"] == "error"
+    assert check.path_results(cases) == {"collectives": "passed", "CUDA graphs": "failed"}
+    tests = {"status": 1, "summary": "1 failed", "seconds": 1.0, "cases": cases}
+    assert check.failures(tests, 0) == [
+        "path 'CUDA graphs'",
+        "test_nccl_fake.py::test_watchdog[cupy14]",
+    ]
+    assert check.failures({**tests, "cases": {}}, 3) == [
+        "the tests (status 1: 1 failed)", "the benchmark (status 3)"
+    ]  # fmt: skip
+    assert check.failures({**tests, "status": 0, "cases": {}}, 0) == []
+    machine = {"gpu": "G", "gpus": "1", "torch": "2", "cuda": "13", "nccl": "2", "cupy": "14",
+               "python": "3", "commit": "c"}  # fmt: skip
+    text = check.section(machine, tests, 0, {}, 1.0)
+    assert "| collectives | ok |" in text and "| CUDA graphs | FAILED |" in text
+
+
 @pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure")
 def test_gpu_check_fails_clearly_without_a_gpu() -> None:

@@ -33,6 +33,7 @@ FLOORS: dict[str, int] = {
     "topo.store": 2,
     "topo.communicators": 3,
     "topo.context": 4,
+    "topo.active": 4,
     "topo._options": 4,
     "topo.collectives": 5,
     "topo.ops": 5,

@@ -3,12 +3,13 @@ the communicator's plumbing against a fake cupy.cuda.nccl), plus GPU tests that 
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
+import _fake_cupy
 import pytest
 import torch
 
@@ -76,7 +77,9 @@ def test_collective_rejects_reduction_dtype_before_touching_cuda() -> None:
 
 def test_missing_cupy_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cupy", None)
-    with pytest.raises(BackendUnavailableError, match=r"require cupy.*pip install 'topo\[nccl-cu1[23]\]'"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"require cupy.*pip install 'topo\[nccl-cu1[23]\]'"
+    ):
         nccl_mod.load_nccl()
 
 
@@ -96,16 +99,16 @@ def test_missing_libnccl_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_cupy_without_nccl_support(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = _fake_nccl_module()
+    fake = _fake_cupy.make_nccl()
     fake.available = False  # type: ignore[attr-defined]
-    _install_fake_cupy(monkeypatch, fake)
+    _fake_cupy.install(monkeypatch, fake)
     with pytest.raises(BackendUnavailableError, match="without NCCL support"):
         nccl_mod.load_nccl()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_no_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    _install_fake_cupy(monkeypatch, _fake_nccl_module())
+    _fake_cupy.install(monkeypatch, _fake_cupy.make_nccl())
     with pytest.raises(BackendUnavailableError, match=r"require a CUDA GPU.*CPU tensors"):
         nccl_mod.NcclCommunicator.create(
             None,  # type: ignore[arg-type]
@@ -150,76 +153,14 @@ def test_import_topo_and_cpu_collectives_never_import_cupy() -> None:
 # ------------------------------------------------- plumbing against a fake cupy.cuda.nccl
 
 
-class _FakeComm:
-    """A one-rank NCCL communicator that moves bytes with memmove and records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[object, ...]] = []
-        self.sizes = {v: torch.empty(0, dtype=k).element_size() for k, v in NCCL_DTYPES.items()}
-
-    def _copy(self, dst: int, src: int, count: int, dtype: int) -> None:
-        ctypes.memmove(dst, src, count * self.sizes[dtype])
-
-    def allReduce(self, send: int, recv: int, count: int, dtype: int, op: int, stream: int) -> None:
-        self.calls.append(("allReduce", count, dtype, op))
-        self._copy(recv, send, count, dtype)
-
-    def allGather(self, send: int, recv: int, count: int, dtype: int, stream: int) -> None:
-        self.calls.append(("allGather", count, dtype))
-        self._copy(recv, send, count, dtype)
-
-    def reduceScatter(
-        self, send: int, recv: int, count: int, dtype: int, op: int, stream: int
-    ) -> None:
-        self.calls.append(("reduceScatter", count, dtype, op))
-        self._copy(recv, send, count, dtype)
-
-    def broadcast(
-        self, send: int, recv: int, count: int, dtype: int, root: int, stream: int
-    ) -> None:
-        self.calls.append(("broadcast", count, dtype, root))
-        self._copy(recv, send, count, dtype)
-
-    def send(self, buf: int, count: int, dtype: int, peer: int, stream: int) -> None:
-        self.calls.append(("send", count, dtype, peer))
-        self.pending = (buf, count, dtype)
-
-    def recv(self, buf: int, count: int, dtype: int, peer: int, stream: int) -> None:
-        self.calls.append(("recv", count, dtype, peer))
-        src, n, dt = self.pending
-        self._copy(buf, src, n, dt)
-
-    def destroy(self) -> None:
-        self.calls.append(("destroy",))
-
-    def abort(self) -> None:
-        self.calls.append(("abort",))
-
-
-def _fake_nccl_module(version: int = 22703) -> types.ModuleType:
-    fake = types.ModuleType("cupy.cuda.nccl")
-    fake.NcclError = type("NcclError", (RuntimeError,), {})  # type: ignore[attr-defined]
-    fake.get_version = lambda: version  # type: ignore[attr-defined]
-    fake.groups = []  # type: ignore[attr-defined]
-    fake.groupStart = lambda: fake.groups.append("start")  # type: ignore[attr-defined]
-    fake.groupEnd = lambda: fake.groups.append("end")  # type: ignore[attr-defined]
-    return fake
-
-
-def _install_fake_cupy(monkeypatch: pytest.MonkeyPatch, fake: types.ModuleType) -> None:
-    cupy = types.ModuleType("cupy")
-    cuda = types.ModuleType("cupy.cuda")
-    cuda.nccl = fake  # type: ignore[attr-defined]
-    cupy.cuda = cuda  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", fake)
-
-
 def _fake_communicator(
-    monkeypatch: pytest.MonkeyPatch, version: int = 22703
-) -> tuple[nccl_mod.NcclCommunicator, _FakeComm, types.ModuleType]:
-    fake, comm = _fake_nccl_module(version), _FakeComm()
+    monkeypatch: pytest.MonkeyPatch, version: int = 22703, major: int = 14
+) -> tuple[nccl_mod.NcclCommunicator, Any, types.ModuleType]:
+    """topo's communicator over a one-rank strict fake cupy communicator, CPU tensors."""
+    fake = _fake_cupy.make_nccl(major, version)
+    _fake_cupy.install(monkeypatch, fake)
+    unique_id = nccl_mod.encode_unique_id(fake.get_unique_id())  # type: ignore[attr-defined]
+    comm = fake.NcclCommunicator(1, nccl_mod.unique_id_argument(unique_id), 0)  # type: ignore[attr-defined]
     communicator = nccl_mod.NcclCommunicator(
         fake, comm, (0,), 0, torch.device("cpu"), "axis 'tp' group (0,)"
     )
@@ -227,8 +168,10 @@ def _fake_communicator(
     return communicator, comm, fake
 
 
-def test_plumbing_counts_dtypes_and_out_of_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, comm, _ = _fake_communicator(monkeypatch)
+def test_plumbing_counts_dtypes_and_out_of_place(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    c, comm, _ = _fake_communicator(monkeypatch, major=cupy_major)
     x = torch.arange(6, dtype=torch.bfloat16)
     before = x.clone()
     y = c.all_reduce(x, "max")
@@ -249,8 +192,10 @@ def test_plumbing_counts_dtypes_and_out_of_place(monkeypatch: pytest.MonkeyPatch
     assert rs.shape == (3,) and comm.calls[-1][:2] == ("reduceScatter", 3)
 
 
-def test_plumbing_group_calls_for_point_to_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, comm, fake = _fake_communicator(monkeypatch)
+def test_plumbing_group_calls_for_point_to_point(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    c, comm, fake = _fake_communicator(monkeypatch, major=cupy_major)
     x = torch.arange(6.0).reshape(1, 6)
     out = c.all_to_all(x)
     assert torch.equal(out, x)
@@ -262,17 +207,21 @@ def test_plumbing_group_calls_for_point_to_point(monkeypatch: pytest.MonkeyPatch
     assert fake.groups == ["start", "end", "start", "end"]  # type: ignore[attr-defined]
 
 
-def test_avg_falls_back_to_sum_on_old_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, comm, _ = _fake_communicator(monkeypatch, version=2708)
+def test_avg_falls_back_to_sum_on_old_nccl(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    c, comm, _ = _fake_communicator(monkeypatch, version=2708, major=cupy_major)
     y = c.all_reduce(torch.full((2,), 3.0), "avg")
     assert comm.calls[-1][3] == NCCL_OPS["sum"] and y.tolist() == [3.0, 3.0]
-    c2, comm2, _ = _fake_communicator(monkeypatch, version=21003)
+    c2, comm2, _ = _fake_communicator(monkeypatch, version=21003, major=cupy_major)
     c2.all_reduce(torch.full((2,), 3.0), "avg")
     assert comm2.calls[-1][3] == NCCL_OPS["avg"]
 
 
-def test_device_mismatch_names_both_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, _, _ = _fake_communicator(monkeypatch)
+def test_device_mismatch_names_both_devices(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    c, _, _ = _fake_communicator(monkeypatch, major=cupy_major)
     meta = torch.empty(2, device="meta")
     with pytest.raises(
         ValueError, match=r"requires tensors on this rank's NCCL device cpu, but got one on meta"
@@ -280,8 +229,10 @@ def test_device_mismatch_names_both_devices(monkeypatch: pytest.MonkeyPatch) -> 
         c.all_reduce(meta, "sum")
 
 
-def test_nccl_errors_are_wrapped_and_close_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, comm, fake = _fake_communicator(monkeypatch)
+def test_nccl_errors_are_wrapped_and_close_is_idempotent(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    c, comm, fake = _fake_communicator(monkeypatch, major=cupy_major)
 
     def boom(*args: object) -> None:
         raise fake.NcclError("unhandled system error")  # type: ignore[attr-defined]
@@ -344,11 +295,12 @@ class _NeverDone:
 
 def test_synchronize_times_out_and_aborts_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
+    cupy_major: int,
 ) -> None:
     import contextlib
     from datetime import timedelta
 
-    c, comm, _ = _fake_communicator(monkeypatch)
+    c, comm, _ = _fake_communicator(monkeypatch, major=cupy_major)
     c.timeout = timedelta(seconds=0.05)
     comm.check_async_error = lambda: None  # type: ignore[attr-defined]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NeverDone())
@@ -360,10 +312,12 @@ def test_synchronize_times_out_and_aborts_instead_of_hanging(
     assert comm.calls[-1] == ("abort",)
 
 
-def test_synchronize_reports_async_nccl_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synchronize_reports_async_nccl_errors(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
     import contextlib
 
-    c, comm, fake = _fake_communicator(monkeypatch)
+    c, comm, fake = _fake_communicator(monkeypatch, major=cupy_major)
 
     def failed() -> None:
         raise fake.NcclError("remote process exited")  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from topo.mesh import *  # noqa: F403  (pure rank math: loaded eagerly)
 from topo.placement import *  # noqa: F403  (pure, as topo.mesh)
 
 if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
+    from topo.active import *  # noqa: F403
     from topo.collectives import *  # noqa: F403
     from topo.context import *  # noqa: F403
     from topo.coordinator import *  # noqa: F403
@@ -50,6 +51,7 @@ _LAZY_MODULES = (
     "topo.launch",
     "topo.simulation",
     "topo.context",
+    "topo.active",
     "topo.coordinator",
     "topo.collectives",
     "topo.graphs",

@@ -5,11 +5,13 @@ context knows this rank's coordinates and creates communicators lazily, one per 
 tuple) and device kind, only for the groups this rank belongs to. Active contexts live in a
 ``contextvars.ContextVar``: activations nest (the innermost context that has an axis wins),
 each thread has its own, and leaving the block destroys the context's communicators.
+
+How collectives find the active context — the stack, the lookup by axis, the group keys that
+find an activation again from another thread — is in ``topo.active``.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -27,13 +29,16 @@ from topo._options import (
     _as_watchdog,
     _torch_default_store,
 )
+from topo.active import (
+    _ACTIVE,
+    register,
+)
 from topo.communicators.base import Communicator
 from topo.communicators.checked import CheckChannel, CheckedCommunicator
 from topo.communicators.registry import Backend, GroupSpec, describe, resolve_backends
 from topo.coordinator import Coordinator
 from topo.errors import (
     CommunicationError,
-    NoActiveMeshError,
     TopoError,
     TopoTypeError,
     TopoValueError,
@@ -42,12 +47,7 @@ from topo.mesh import Axis, DeviceMesh
 from topo.store import load_secret
 from topo.world import World
 
-__all__ = ["MeshContext", "activate", "active_contexts", "current"]
-
-
-_ACTIVE: contextvars.ContextVar[tuple[MeshContext, ...]] = contextvars.ContextVar(
-    "topo_active_meshes", default=()
-)
+__all__ = ["MeshContext", "activate"]
 
 
 class MeshContext:
@@ -76,6 +76,8 @@ class MeshContext:
     ) -> None:
         self.mesh = mesh
         self.world = world
+        #: This activation's number in the process (1, 2, ...): group keys carry it.
+        self.id = register(self)
         self.coordinator = coordinator
         self.timeout = timeout
         self.rank = world.rank
@@ -101,7 +103,19 @@ class MeshContext:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "active"
-        return f"<MeshContext {self.mesh!r} rank {self.rank} ({state})>"
+        return f"<MeshContext #{self.id} {self.mesh!r} rank {self.rank} ({state})>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether this activation has ended (its communicators are destroyed).
+
+        Example::
+
+            with mesh.activate() as ctx:
+                ...
+            assert ctx.closed
+        """
+        return self._closed
 
     # ----------------------------------------------------------------- rank math
 
@@ -386,69 +400,6 @@ def _with_arrival(
                 f"arrived; they must call the same collective on this axis ({error})"
             ) from None
         raise
-
-
-def active_contexts() -> tuple[MeshContext, ...]:
-    """The active contexts of this thread, outermost first.
-
-    Example::
-
-        with mesh.activate():
-            assert len(topo.active_contexts()) == 1
-    """
-    return _ACTIVE.get()
-
-
-def current() -> MeshContext:
-    """The innermost active context of this thread.
-
-    Example::
-
-        with mesh.activate():
-            ctx = topo.current()
-    """
-    stack = _ACTIVE.get()
-    if not stack:
-        raise NoActiveMeshError(
-            "topo.current requires an active mesh, but none is active in this thread; use "
-            "`with mesh.activate():` (or run the code under topo.spawn)"
-        )
-    return stack[-1]
-
-
-def find_context(axis: Axis, operation: str) -> tuple[MeshContext, tuple[str, ...], int]:
-    """The innermost context whose mesh has ``axis``, with the axis names and group size.
-
-    Example::
-
-        ctx, names, n = find_context("tp", "all_reduce")   # names == ("tp",)
-    """
-    stack = _ACTIVE.get()
-    for ctx in reversed(stack):
-        try:
-            names, size = ctx._axes[axis]
-            return ctx, names, size
-        except (KeyError, TypeError):
-            if ctx.has_axis(axis):
-                names, size = ctx.resolve(axis)
-                return ctx, names, size
-    if not stack:
-        raise NoActiveMeshError(
-            f"topo.{operation} requires an active mesh, but none is active in this thread; use "
-            f"`with mesh.activate():` around the call (or run it under topo.spawn)"
-        )
-    if not isinstance(axis, (str, tuple, list)):
-        raise TopoTypeError(
-            f"topo.{operation} axis requires an axis name or a tuple of names, but got "
-            f"{type(axis).__name__} {axis!r}"
-        )
-    if len(stack) == 1:
-        stack[0].mesh.normalize_axis(axis)  # raises the mesh's own error naming valid axes
-    valid = sorted({name for ctx in stack for name in ctx.mesh.axis_names})
-    raise TopoValueError(
-        f"topo.{operation} got axis {axis!r}, which no active mesh has; valid axes are "
-        f"{', '.join(repr(v) for v in valid)} (active: {', '.join(repr(c.mesh) for c in stack)})"
-    )
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def graph_capture(
         x.fill_(2.0)
         graph.replay()       # y now holds the sum of every rank's 2.0
     """
-    from topo.context import current, find_context
+    from topo.active import current, find_context
 
     if not torch.cuda.is_available():
         from topo.errors import BackendUnavailableError

@@ -35,8 +35,9 @@ import torch.distributed as tdist
 from torch.distributed import distributed_c10d as c10d
 
 import topo._dist as dist
+from topo.active import current, find_context
 from topo.communicators.gloo import GlooCommunicator
-from topo.context import MeshContext, current, find_context
+from topo.context import MeshContext
 from topo.errors import BackendUnavailableError, NoActiveMeshError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
 

@@ -29,7 +29,7 @@ def run_rank(config: BenchConfig) -> list[dict[str, Any]]:
     """
     import torch
 
-    from topo.context import current
+    from topo.active import current
 
     ctx = current()
     dtype = getattr(torch, config.dtype)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from topo.active import find_context
 from topo.collectives._common import check_index
-from topo.context import find_context
 from topo.errors import CommunicationError, TopoTypeError
 from topo.mesh import Axis
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from topo.active import find_context
 from topo.collectives._common import check_dim, check_index, device_type, stack_chunks
-from topo.context import find_context
 from topo.mesh import Axis
 from topo.ops._library import call, group_of, needs_op
 

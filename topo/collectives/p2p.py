@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from topo._checks import as_bool, as_int
+from topo.active import find_context
 from topo.collectives._common import check_index, check_peer, check_tensor, device_type
 from topo.communicators.base import Communicator
-from topo.context import MeshContext, find_context
+from topo.context import MeshContext
 from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import Axis
 from topo.ops._library import call, group_of, needs_op

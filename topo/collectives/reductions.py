@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from topo.active import find_context
 from topo.collectives._common import (
     check_dim,
     check_out,
@@ -12,7 +13,6 @@ from topo.collectives._common import (
     stack_chunks,
 )
 from topo.communicators.base import ReduceOp
-from topo.context import find_context
 from topo.mesh import Axis
 from topo.ops._library import call, group_of, needs_op
 

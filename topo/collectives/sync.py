@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from topo.context import current, find_context
+from topo.active import current, find_context
 from topo.mesh import Axis
 
 __all__ = ["axis_index", "axis_size", "barrier"]

@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 
 from topo._checks import as_int
+from topo.active import find_context
 from topo.collectives._common import check_dim, check_reduce, device_type
 from topo.communicators.base import Communicator, ReduceOp
-from topo.context import find_context
 from topo.errors import CollectiveMismatchError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
 

@@ -11,7 +11,6 @@ needs it, and any cupy build (cupy-cuda12x, cupy-cuda13x) works.
 from __future__ import annotations
 
 import contextlib
-import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from topo.communicators.base import ReduceOp
+from topo.communicators.nccl_setup import (
+    UNIQUE_ID_BYTES,
+    check_one_gpu_per_rank,
+    cupy_major,
+    decode_unique_id,
+    encode_unique_id,
+    gpu_identity,
+    install_hint,
+    load_nccl,
+    nccl_version,
+    unique_id_argument,
+)
 from topo.communicators.nccl_types import NCCL_DTYPES, NCCL_OPS, nccl_dtype
 from topo.errors import (
     BackendUnavailableError,
@@ -33,105 +44,19 @@ from topo.errors import (
 if TYPE_CHECKING:
     from topo.coordinator import Coordinator
 
-__all__ = ["NcclCommunicator", "install_hint", "load_nccl", "nccl_version"]
-
-def install_hint(cuda_version: str | None = None) -> str:
-    """How to install cupy and libnccl for this machine's CUDA (torch's CUDA version).
-
-    Example::
-
-        install_hint("13.0")   # "pip install 'topo[nccl-cu13]' (cupy-cuda13x + ...)"
-    """
-    version = torch.version.cuda if cuda_version is None else cuda_version
-    major = (version or "").split(".")[0]
-    if major == "13":
-        return "pip install 'topo[nccl-cu13]' (cupy-cuda13x + nvidia-nccl-cu13, for CUDA 13)"
-    if major == "12":
-        return "pip install 'topo[nccl-cu12]' (cupy-cuda12x + nvidia-nccl-cu12, for CUDA 12)"
-    return (
-        "pip install 'topo[nccl-cu12]' for CUDA 12 or 'topo[nccl-cu13]' for CUDA 13 (this torch "
-        f"reports CUDA {version or 'none'}: install a CUDA build of torch first)"
-    )
-
-
-def load_nccl() -> ModuleType:
-    """Import ``cupy.cuda.nccl``, or raise :class:`topo.BackendUnavailableError` saying how to
-    install it.
-
-    Example::
-
-        nccl = load_nccl()
-        nccl.get_version()   # e.g. 22703
-    """
-    try:
-        import cupy  # noqa: F401
-    except ImportError as error:
-        raise BackendUnavailableError(
-            f"NCCL collectives on CUDA tensors require cupy, which is not installed "
-            f"({error}); {install_hint()}"
-        ) from None
-    try:
-        from cupy.cuda import nccl
-    except (ImportError, OSError) as error:
-        raise BackendUnavailableError(
-            f"cupy is installed but its NCCL module could not be loaded ({error}); install "
-            f"libnccl for your CUDA version (pip install nvidia-nccl-cu12 or nvidia-nccl-cu13) "
-            f"or put libnccl.so.2 on LD_LIBRARY_PATH"
-        ) from None
-    module: ModuleType = nccl
-    if module is None or not getattr(module, "available", True):
-        raise BackendUnavailableError(
-            f"cupy was built without NCCL support (cupy.cuda.nccl.available is False); "
-            f"{install_hint()}"
-        )
-    return module
-
-
-def nccl_version() -> int:
-    """The loaded NCCL's version code (e.g. 22703 for 2.27.3).
-
-    Example::
-
-        if nccl_version() >= 21000: ...   # ncclAvg available
-    """
-    return int(load_nccl().get_version())
-
-
-#: ``ncclUniqueId`` is 128 bytes; cupy hands it over as a tuple of C ``char`` values.
-UNIQUE_ID_BYTES = 128
-
-
-def encode_unique_id(unique_id: Sequence[int]) -> bytes:
-    """cupy's unique id (a tuple of C ``char`` values) as its 128 raw bytes: what travels
-    through the store (never a pickle).
-
-    Example::
-
-        data = encode_unique_id(nccl.get_unique_id())   # 128 bytes
-    """
-    return bytes(int(v) % 256 for v in unique_id)
-
-
-def decode_unique_id(data: bytes, label: str = "NCCL") -> tuple[int, ...]:
-    """The 128 raw bytes of a unique id back as the tuple of C ``char`` values cupy takes
-    (signed where this platform's ``char`` is, as on x86-64).
-
-    Example::
-
-        unique_id = decode_unique_id(data)
-    """
-    if len(data) != UNIQUE_ID_BYTES:
-        raise CommunicationError(
-            f"creating the NCCL communicator for {label} requires a {UNIQUE_ID_BYTES}-byte "
-            f"unique id from the group's first rank, but got {len(data)} bytes; every rank "
-            f"must run the same topo version"
-        )
-    if _CHAR_IS_SIGNED:
-        return tuple(b - 256 if b > 127 else b for b in data)
-    return tuple(data)
-
-
-_CHAR_IS_SIGNED = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
+__all__ = [
+    "UNIQUE_ID_BYTES",
+    "NcclCommunicator",
+    "check_one_gpu_per_rank",
+    "cupy_major",
+    "decode_unique_id",
+    "encode_unique_id",
+    "gpu_identity",
+    "install_hint",
+    "load_nccl",
+    "nccl_version",
+    "unique_id_argument",
+]
 
 
 class NcclCommunicator:
@@ -200,11 +125,16 @@ class NcclCommunicator:
             src=ranks[0],
             ranks=ranks,
         )
-        unique_id = decode_unique_id(data, label)
-        coordinator.barrier(f"nccl-init:{scope}", ranks=ranks)
+        unique_id = unique_id_argument(data, label)
+        # Every member's GPU, gathered (this is also the barrier before init): NCCL refuses two
+        # ranks of one communicator on one GPU of one host, so say so before calling it.
+        gpus = coordinator.all_gather_json(gpu_identity(device), ranks=ranks)
+        check_one_gpu_per_rank(gpus, ranks, device, label)
         try:
             with torch.cuda.device(device):
                 comm = nccl.NcclCommunicator(len(ranks), unique_id, index)
+        except (TypeError, ValueError, OverflowError):
+            raise  # cupy refused an argument: a bug in topo's call, not a runtime failure
         except Exception as error:  # cupy raises NcclError / CUDARuntimeError
             raise CommunicationError(
                 f"creating the NCCL communicator for {label} on {device} failed "

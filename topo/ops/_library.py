@@ -2,9 +2,12 @@
 
 A collective reaches ``torch.ops.topo.<name>`` only when it must: its input requires grad (and
 grad mode is on) or torch.compile is tracing it (:func:`needs_op`). The communicator group
-travels through the op as a string key — the axis names joined by commas — plus the group size
-seen when the call was made or traced; the op's implementation resolves the key in the active
-context each time it runs, so a compiled function runs inside whichever activation is active.
+travels through the op as a string key — the axis names joined by commas and the id of the
+activation the call was made or traced in, e.g. ``"dp,tp@3"`` — plus the group size seen then.
+The op's implementation resolves the key each time it runs (``topo.context.context_for_key``):
+in the calling thread's activation where it has one, else in the activation the key names. So
+a backward runs on autograd's own device threads (CUDA), in a thread the user started, and a
+compiled graph runs later, in the activation it was traced in or in the caller's.
 """
 
 from __future__ import annotations
@@ -14,13 +17,12 @@ from typing import Any
 
 import torch
 
+from topo.active import context_for_key, find_context, group_key
 from topo.communicators.base import Communicator
-from topo.context import find_context
 from topo.errors import TopoValueError
 from topo.mesh import Axis
 
 __all__: list[str] = []
-
 _is_compiling: Callable[[], bool] = getattr(
     getattr(torch, "compiler", None), "is_compiling", lambda: False
 )
@@ -38,7 +40,7 @@ def group_of(axis: Axis, operation: str) -> tuple[str, int, int]:
     """``(key, size, index)`` of ``axis`` in the active context; torch.compile evaluates it once
     while tracing (a context variable cannot be traced) and keeps the result as a constant."""
     ctx, names, n = find_context(axis, operation)
-    return ",".join(names), n, ctx.axis_index(names)
+    return group_key(ctx, names), n, ctx.axis_index(names)
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.6 s)
@@ -49,11 +51,10 @@ group_of._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def live(group: str, n: int, device: str, operation: str) -> tuple[Communicator | None, int]:
     """The communicator of ``group`` in the active context (``None`` for a group of one) and
     this rank's index in it; checks that the group still has the size ``n`` seen at tracing."""
-    names = tuple(group.split(","))
-    ctx, names, size = find_context(names[0] if len(names) == 1 else names, operation)
+    ctx, names, size = context_for_key(group, operation)
     if size != n:
         raise TopoValueError(
-            f"topo.{operation} requires axis {group!r} to have the size {n} it had when this "
+            f"topo.{operation} requires axis {','.join(names)!r} to have the size {n} it had when this "
             f"call was traced (torch.compile), but the active mesh has {size}; compile the "
             f"function again for this mesh (torch._dynamo.reset())"
         )

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from topo._checks import as_bool, as_int
+from topo.active import find_context
 from topo.collectives._common import check_index
 from topo.communicators.base import Communicator
-from topo.context import MeshContext, find_context
+from topo.context import MeshContext
 from topo.errors import CollectiveMismatchError, TopoError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
 from topo.transport import _wire

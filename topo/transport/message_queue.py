@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 
 from topo._checks import as_int, as_seconds
+from topo.active import find_context
 from topo.collectives._common import check_index
-from topo.context import find_context
 from topo.errors import CommunicationError, CommunicationTimeout, TopoValueError
 from topo.mesh import Axis
 from topo.transport import _wire

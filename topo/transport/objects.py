@@ -10,8 +10,8 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+from topo.active import find_context
 from topo.collectives._common import check_peer
-from topo.context import find_context
 from topo.mesh import Axis
 from topo.transport import _wire
 

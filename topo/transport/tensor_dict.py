@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from topo.active import find_context
 from topo.collectives._common import check_index, check_peer
-from topo.context import MeshContext, find_context
+from topo.context import MeshContext
 from topo.errors import CollectiveMismatchError, TopoError, TopoValueError
 from topo.mesh import Axis
 from topo.transport import _wire
