@@ -215,7 +215,7 @@ def run_benchmark(timeout: float) -> tuple[int, dict[str, Any], float]:
         path = Path(tmp) / "nccl_overhead.json"
         status, _, seconds = _run(
             [sys.executable, "benchmarks/nccl_overhead.py", "--sweep", "--json", str(path),
-             "--timeout", str(max((timeout - 30) / 2, 60))],
+             "--blocks", "6", "--calls", "100", "--timeout", str(max((timeout - 30) / 2, 60))],
             timeout,
         )  # fmt: skip
         results = json.loads(path.read_text()) if path.exists() else {}
@@ -277,9 +277,9 @@ def section(machine: dict[str, str], tests: dict[str, Any], bench_status: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print the section only")
-    parser.add_argument("--test-timeout", type=float, default=230.0, help="seconds for the tests")
+    parser.add_argument("--test-timeout", type=float, default=200.0, help="seconds for the tests")
     parser.add_argument(
-        "--bench-timeout", type=float, default=150.0, help="seconds for the benchmark"
+        "--bench-timeout", type=float, default=170.0, help="seconds for the benchmark"
     )
     args = parser.parse_args(argv)
     try:

@@ -149,11 +149,11 @@ def grad_cases(elsewhere: bool = False, device: str = "cpu") -> dict[str, Any]:
         weight = loss_weight(rank, i, tuple(y.shape)).to(dev)
         backward((y * weight).sum(), elsewhere)
         report[case] = (_cpu(y.detach()), _cpu(x.grad))
-    if elsewhere or device != "cpu":
+    if elsewhere:
         return report
     errors = []
-    for name, kwargs in NO_GRAD_CASES:
-        x = rank_input(rank, 0).requires_grad_(True)
+    for name, kwargs in NO_GRAD_CASES:  # on CUDA the error comes from autograd's device thread
+        x = rank_input(rank, 0).to(dev).requires_grad_(True)
         y = _collective(name)(x, **kwargs)
         try:
             y.sum().backward()
@@ -162,7 +162,7 @@ def grad_cases(elsewhere: bool = False, device: str = "cpu") -> dict[str, Any]:
             errors.append(str(error))
     report["no_grad"] = errors
     # gather off dst with an x that requires grad: an error after the communication
-    x = rank_input(rank, 0).requires_grad_(True)
+    x = rank_input(rank, 0).to(dev).requires_grad_(True)
     try:
         topo.gather(x, axis="tp", dst=0)
         report["gather_off_dst"] = "no error"
