@@ -9,16 +9,26 @@ Run: ``python benchmarks/nccl_overhead.py`` (well under a minute on one GPU). Th
    these are pure host cost. (``topo.all_reduce`` on a size-1 axis returns a copy without
    NCCL, so the communicator is timed directly there.)
 2. **The main figure: 2 ranks sharing the GPU** (``topo.spawn(..., share_gpu=True)``): host
-   µs per call of the free functions ``topo.all_reduce`` / ``topo.all_gather`` /
-   ``topo.reduce_scatter`` on a size-2 axis, vs raw cupy (a second 2-rank ``NcclCommunicator``
-   made in the same processes, its unique id sent through topo's coordinator as raw bytes)
-   and vs ``ProcessGroupNCCL`` (built in the same processes on a ``PrefixStore`` of the
-   coordinator's store). Each figure is the enqueue time of a block of calls; a
+   µs per call of every free function — ``topo.all_reduce``, ``topo.all_gather`` (dim 0 and
+   dim 1), ``topo.reduce_scatter``, ``topo.broadcast``, ``topo.all_to_all``,
+   ``topo.send``/``topo.recv`` and ``topo.all_gatherv`` (allocating, and with ``out=`` where
+   it has one) — on a size-2 axis, vs raw cupy on preallocated buffers (a second 2-rank
+   ``NcclCommunicator`` made in the same processes, its unique id sent through topo's
+   coordinator as raw bytes; what a user of raw cupy writes for the same result, e.g. the
+   transpose after an all-gather along dim 1) and vs ``ProcessGroupNCCL`` (built in the same
+   processes on a ``PrefixStore`` of the coordinator's store). The calls are those of
+   ``benchmarks/_nccl_calls.py``. Each figure is the enqueue time of a block of calls; a
    ``torch.cuda.synchronize()`` between blocks keeps the GPU queue from filling; blocks of
-   the three take every order in turn; the figure is the median over blocks of the slowest rank.
+   the implementations take every order in turn; the figure is the median over blocks of the
+   slowest rank.
 3. **Latency side-by-side, 2 ranks** (``--sweep``, which ``scripts/gpu-check`` passes):
    ``topo.all_reduce`` / ``topo.all_gather`` vs ``ProcessGroupNCCL`` from 4 B to 64 MiB,
    each timed to completion (synchronize), median of repeats, and the ratio.
+
+``--fake`` needs no GPU: the same call table on 2 CPU ranks, where topo's NCCL communicator
+wraps a cupy communicator whose calls do nothing and the CUDA stream is a stub, so each
+figure is topo's own Python work per call above the raw call (the cost this benchmark exists
+to drive down, measurable on any machine).
 
 ``--json PATH`` also writes every figure as JSON (``scripts/gpu_check.py`` turns it into the
 tables of docs/gpu.md). The argument parsing and table formatting need no GPU and are tested
@@ -38,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
-IMPLEMENTATIONS = ("topo", "raw cupy", "ProcessGroupNCCL")
+from _nccl_calls import COLLECTIVES, IMPLEMENTATIONS
+
 #: 4 B … 64 MiB in steps of 4×.
 SWEEP_SIZES = tuple(4 * 4**i for i in range(13))
 
@@ -58,6 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--sweep", action="store_true", help="add the 4 B - 64 MiB side-by-side")
+    parser.add_argument(
+        "--fake", action="store_true",
+        help="no GPU: topo's Python work per call over a no-op cupy and a stub stream",
+    )  # fmt: skip
     parser.add_argument("--blocks", type=int, default=18, help="blocks per implementation")
     parser.add_argument("--calls", type=int, default=200, help="calls per block")
     parser.add_argument("--elements", type=int, default=16, help="float32 elements per call")
@@ -105,7 +120,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 def overhead_table(two_rank: dict[str, dict[str, float]]) -> str:
     """Part 2 as a markdown table: µs per call per implementation (given in seconds) and the
-    two ratios.
+    ratios to raw cupy and ProcessGroupNCCL.
 
     Example::
 
@@ -113,13 +128,37 @@ def overhead_table(two_rank: dict[str, dict[str, float]]) -> str:
     """
     rows = []
     for name, figures in two_rank.items():
-        t, r, p = (figures.get(k) for k in IMPLEMENTATIONS)
+        t, o, r, p = (figures.get(k) for k in IMPLEMENTATIONS)
         rows.append([
-            f"topo.{name}", *(f"{v * 1e6:.2f}" if v is not None else "n/a" for v in (t, r, p)),
-            _ratio(t, r), _ratio(t, p),
+            f"topo.{name}", *(f"{v * 1e6:.2f}" if v is not None else "n/a" for v in (t, o, r, p)),
+            _ratio(t, r), _ratio(o, r), _ratio(t, p),
         ])  # fmt: skip
-    header = ["collective", "topo µs", "raw cupy µs", "ProcessGroupNCCL µs", "topo/raw",
-              "topo/PGNCCL"]  # fmt: skip
+    header = ["collective", "topo µs", "topo out= µs", "raw cupy µs", "ProcessGroupNCCL µs",
+              "topo/raw", "out=/raw", "topo/PGNCCL"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def fake_table(fake: dict[str, dict[str, float]]) -> str:
+    """``--fake`` as a markdown table: µs per call of topo (and with ``out=``) and of the raw
+    no-op call, and topo's own work above it.
+
+    Example::
+
+        fake_table({"all_reduce": {"topo": 4e-6, "topo out=": 3e-6, "raw cupy": 1e-6}})
+    """
+    rows = []
+    for name, figures in fake.items():
+        t, o, r = (figures.get(k) for k in IMPLEMENTATIONS[:3])
+
+        def us(v: float | None) -> str:
+            return f"{v * 1e6:.2f}" if v is not None else "n/a"
+
+        rows.append([
+            f"topo.{name}", us(t), us(o), us(r), us(t - r if t and r else None),
+            us(o - r if o and r else None),
+        ])  # fmt: skip
+    header = ["collective", "topo µs", "topo out= µs", "raw (no-op) µs", "topo − raw µs",
+              "out= − raw µs"]  # fmt: skip
     return markdown_table(header, rows)
 
 
@@ -179,14 +218,12 @@ def print_report(results: dict[str, Any]) -> None:
     if two:
         print("\n## 2. 2 ranks sharing the GPU: host us per call of the free functions "
               "(median of blocks, slowest rank)")  # fmt: skip
-        for name, figures in two.items():
-            t, r, p = (figures.get(k) for k in IMPLEMENTATIONS)
-            cells = "   ".join(
-                f"{k} {v * 1e6:7.2f} us"
-                for k, v in zip(IMPLEMENTATIONS, (t, r, p), strict=True)
-                if v is not None
-            )
-            print(f"topo.{name:<15} {cells}   topo/raw {_ratio(t, r)}   topo/PGNCCL {_ratio(t, p)}")
+        print(overhead_table(two))
+    fake = results.get("fake", {})
+    if fake:
+        print("\n## topo's Python work per call: 2 CPU ranks, a no-op cupy communicator and a "
+              "stub stream (median of blocks, slowest rank)")  # fmt: skip
+        print(fake_table(fake))
     sweep = results.get("sweep", {})
     if sweep:
         print(
@@ -282,7 +319,7 @@ class _Peers:
         from topo.communicators.nccl import encode_unique_id, unique_id_argument
 
         ctx = topo.current()
-        self.ctx, self.nccl, self.torch = ctx, nccl, torch
+        self.ctx, self.nccl, self.torch, self.elements = ctx, nccl, torch, elements
         rank, ranks = ctx.axis_index("tp"), ctx.group("tp")
         self.device = ctx.device
         self.x = torch.ones(elements, device=self.device)
@@ -300,41 +337,18 @@ class _Peers:
         self.pg.allreduce([self.x.clone()]).wait()  # the PG's communicator is made lazily
         torch.cuda.synchronize()
 
-    def calls(self, collective: str) -> dict[str, Callable[[], object]]:
-        import topo
+    def table(self) -> dict[str, dict[str, Callable[[], object]]]:
+        from _nccl_calls import call_table
 
-        torch, nccl, raw, pg = self.torch, self.nccl, self.raw, self.pg
-        x, stacked, out, gathered = self.x, self.stacked, self.out, self.gathered
-        n = x.numel()
+        torch = self.torch
         index = self.device.index or 0
         raw_stream: Callable[[int], int] = getattr(
             torch._C, "_cuda_getCurrentRawStream",
             lambda i: torch.cuda.current_stream(i).cuda_stream,
         )  # fmt: skip
-        f32, add = nccl.NCCL_FLOAT32, nccl.NCCL_SUM
-        if collective == "all_reduce":
-            return {
-                "topo": lambda: topo.all_reduce(x, axis="tp"),
-                "raw cupy": lambda: raw.allReduce(
-                    x.data_ptr(), out.data_ptr(), n, f32, add, raw_stream(index)
-                ),
-                "ProcessGroupNCCL": lambda: pg.allreduce([x]),
-            }
-        if collective == "all_gather":
-            return {
-                "topo": lambda: topo.all_gather(x, axis="tp"),
-                "raw cupy": lambda: raw.allGather(
-                    x.data_ptr(), gathered.data_ptr(), n, f32, raw_stream(index)
-                ),
-                "ProcessGroupNCCL": lambda: pg._allgather_base(gathered, x),
-            }
-        return {
-            "topo": lambda: topo.reduce_scatter(stacked, axis="tp"),
-            "raw cupy": lambda: raw.reduceScatter(
-                stacked.data_ptr(), out.data_ptr(), n, f32, add, raw_stream(index)
-            ),
-            "ProcessGroupNCCL": lambda: pg._reduce_scatter_base(out, stacked),
-        }
+        me = self.ctx.axis_index("tp")
+        return call_table(self.raw, self.nccl, self.pg, self.device, me,
+                          lambda: raw_stream(index), self.elements)  # fmt: skip
 
     def close(self) -> None:
         self.torch.cuda.synchronize()
@@ -343,34 +357,75 @@ class _Peers:
             self.pg.shutdown()
 
 
+def _time_blocks(
+    table: dict[str, dict[str, Callable[[], object]]],
+    blocks: int,
+    calls: int,
+    sync: Callable[[], None],
+    barrier: Callable[[], None],
+) -> dict[str, dict[str, list[float]]]:
+    """Per collective and implementation, the time per call of each block (blocks of the
+    implementations take every order in turn; ``sync()`` after every block)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for collective, fns in table.items():
+        for fn in fns.values():  # warm-up: allocator, first-call paths
+            for _ in range(20):
+                fn()
+        sync()
+        barrier()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        orders = list(itertools.permutations(fns))  # each position for each, in turn
+        for block in range(blocks):
+            for which in orders[block % len(orders)]:
+                fn = fns[which]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[which].append((time.perf_counter() - start) / calls)
+                sync()
+        out[collective] = times
+    return out
+
+
 def two_rank_overhead(blocks: int, calls: int, elements: int) -> dict[str, dict[str, list[float]]]:
-    """Part 2 on each rank: per collective and implementation, the enqueue time per call of
-    each block (blocks of the three take every order in turn; a synchronize after every block)."""
+    """Part 2 on each rank: every collective's call table (benchmarks/_nccl_calls.py) timed."""
     import torch
 
     peers = _Peers(elements)
-    out: dict[str, dict[str, list[float]]] = {}
     try:
-        for collective in COLLECTIVES:
-            fns = peers.calls(collective)
-            for fn in fns.values():  # warm-up: allocator, first-call paths
-                for _ in range(20):
-                    fn()
-            torch.cuda.synchronize()
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            orders = list(itertools.permutations(fns))  # each position for each, in turn
-            for block in range(blocks):
-                for which in orders[block % len(orders)]:
-                    fn = fns[which]
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    times[which].append((time.perf_counter() - start) / calls)
-                    torch.cuda.synchronize()
-            out[collective] = times
+        return _time_blocks(
+            peers.table(), blocks, calls, torch.cuda.synchronize, lambda: None
+        )
     finally:
         peers.close()
-    return out
+
+
+def fake_overhead(blocks: int, calls: int, elements: int) -> dict[str, dict[str, list[float]]]:
+    """``--fake`` on each of 2 CPU ranks: topo's NCCL communicator over a no-op cupy
+    communicator with a stub stream, in this activation's place of the gloo one, so the free
+    functions run their whole path down to a cupy call that does nothing."""
+    import torch
+    from _nccl_calls import NoopComm, NoopNccl, call_table
+
+    import topo
+    from topo.communicators.nccl import NcclCommunicator
+
+    ctx = topo.current()
+    names, me = ("tp",), ctx.axis_index("tp")
+    ranks = ctx.group("tp")
+    cpu = torch.device("cpu")
+    for pair in (None, (0, 1)):
+        comm = NcclCommunicator(NoopNccl, NoopComm(), ranks, me, cpu, "axis 'tp' (no-op cupy)")
+        comm._stream = lambda: 0  # type: ignore[method-assign]  # the stub stream handle
+        ctx._communicators[(names, "cpu", pair)] = comm  # type: ignore[assignment]
+    table = call_table(NoopComm(), NoopNccl, None, cpu, me, lambda: 0, elements)
+    gloo = ctx._create(names, "cpu", None)  # a real group, to start each collective together
+    try:
+        return _time_blocks(table, blocks, calls, lambda: None, gloo.barrier)
+    finally:
+        gloo.close()
+        for pair in (None, (0, 1)):
+            del ctx._communicators[(names, "cpu", pair)]  # nothing to close: no-op cupy
 
 
 def two_rank_sweep(sizes: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
@@ -442,21 +497,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import topo
 
-    results: dict[str, Any] = {"header": header()}
+    results: dict[str, Any] = {"header": "# --fake: no GPU, a no-op cupy" if args.fake else header()}
 
     def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
 
+    mesh = topo.DeviceMesh(tp=2)
+    if args.fake:
+        per_rank = topo.spawn(fake_overhead, mesh, args.blocks, args.calls, args.elements,
+                              timeout=args.timeout)  # fmt: skip
+        results["fake"] = {
+            c: {w: _slowest_median(per_rank, c, w) for w in per_rank[0][c]} for c in COLLECTIVES
+        }
+        save()
+        print_report(results)
+        return results
     results["one_rank"] = one_rank()
     save()
-    mesh = topo.DeviceMesh(tp=2)
     per_rank = topo.spawn(
         two_rank_overhead, mesh, args.blocks, args.calls, args.elements,
         share_gpu=True, timeout=args.timeout,
     )  # fmt: skip
     results["two_rank"] = {
-        c: {w: _slowest_median(per_rank, c, w) for w in IMPLEMENTATIONS} for c in COLLECTIVES
+        c: {w: _slowest_median(per_rank, c, w) for w in per_rank[0][c]} for c in COLLECTIVES
     }
     results["two_rank_elements"] = args.elements
     save()

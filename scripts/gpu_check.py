@@ -215,7 +215,7 @@ def run_benchmark(timeout: float) -> tuple[int, dict[str, Any], float]:
         path = Path(tmp) / "nccl_overhead.json"
         status, _, seconds = _run(
             [sys.executable, "benchmarks/nccl_overhead.py", "--sweep", "--json", str(path),
-             "--blocks", "6", "--calls", "100", "--timeout", str(max((timeout - 30) / 2, 60))],
+             "--blocks", "6", "--calls", "50", "--timeout", str(max((timeout - 30) / 2, 60))],
             timeout,
         )  # fmt: skip
         results = json.loads(path.read_text()) if path.exists() else {}

@@ -145,12 +145,20 @@ def _calls(comm: nccl_mod.NcclCommunicator) -> dict[str, Callable[[], object]]:
         "scatter": lambda: comm.scatter(stacked, 0),
         "all_to_all": lambda: comm.all_to_all(stacked),
         "send/recv": lambda: comm.exchange([(1, f32)], [(1, torch.empty(3))]),
+        "all_reduce_into": lambda: comm.all_reduce_into(f32, "sum", torch.empty(2, 3)),
+        "all_gather_dim0": lambda: comm.all_gather_dim0(f32),
+        "reduce_scatter_dim0": lambda: comm.reduce_scatter_dim0(stacked, "avg"),
+        "all_to_all_dim0": lambda: comm.all_to_all_dim0(stacked),
+        "all_gatherv_dim0": lambda: comm.all_gatherv_dim0(f32, [2, 1]),
+        "all_gatherv_dim0 as bytes": lambda: comm.all_gatherv_dim0(f8, [5, 0]),
     }
 
 
 _COLLECTIVES = ["all_reduce", "all_reduce avg", "all_gather", "all_gather as bytes",
                 "reduce_scatter", "broadcast", "gather (root)", "gather (sender)", "scatter",
-                "all_to_all", "send/recv"]  # fmt: skip
+                "all_to_all", "send/recv", "all_reduce_into", "all_gather_dim0",
+                "reduce_scatter_dim0", "all_to_all_dim0", "all_gatherv_dim0",
+                "all_gatherv_dim0 as bytes"]  # fmt: skip
 
 
 @pytest.mark.parametrize("what", _COLLECTIVES)

@@ -65,14 +65,42 @@ def _results() -> dict[str, object]:
 def test_tables_and_report(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     results = _results()
     table = bench.overhead_table(results["two_rank"])
-    assert "| topo.all_reduce | 7.00 | 6.50 | 14.00 | 1.08 | 0.50 |" in table
+    assert "| topo.all_reduce | 7.00 | n/a | 6.50 | 14.00 | 1.08 | n/a | 0.50 |" in table
     sweep = bench.sweep_table(results["sweep"])
     assert "| all_reduce | 4 B | 20.0 | 10.0 | 2.00 |" in sweep
     assert "| all_gather | 64 MiB | 50000.0 | 50000.0 | 1.00 |" in sweep
     bench.print_report(results)
     out = capsys.readouterr().out
     assert "topo / raw cupy            1.077" in out
-    assert "topo.all_gather" in out and "topo/raw 1.08" in out
+    assert "| topo.all_gather | 7.00 |" in out and "| 1.08 |" in out
+
+
+def test_fake_tables(bench: ModuleType) -> None:
+    table = bench.fake_table({"all_reduce": {"topo": 4e-6, "topo out=": 3e-6, "raw cupy": 1e-6},
+                              "broadcast": {"topo": 3e-6, "raw cupy": 1e-6}})  # fmt: skip
+    assert "| topo.all_reduce | 4.00 | 3.00 | 1.00 | 3.00 | 2.00 |" in table
+    assert "| topo.broadcast | 3.00 | n/a | 1.00 | 2.00 | n/a |" in table
+
+
+@pytest.mark.multiprocess
+def test_the_no_gpu_mode_times_every_collective(tmp_path: Path) -> None:
+    """``--fake``: topo's Python work per call over a no-op cupy, on 2 CPU ranks."""
+    out = tmp_path / "fake.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "nccl_overhead.py"), "--fake", "--blocks",
+         "1", "--calls", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    import json
+
+    fake = json.loads(out.read_text())["fake"]
+    assert list(fake) == [
+        "all_reduce", "all_gather", "all_gather dim 1", "reduce_scatter", "broadcast",
+        "all_to_all", "send/recv", "all_gatherv",
+    ]  # fmt: skip
+    assert all(f["topo"] > 0 and f["raw cupy"] > 0 for f in fake.values())
+    assert "| topo.all_gatherv |" in done.stdout
 
 
 def test_section_for_docs(check: ModuleType) -> None:

@@ -328,3 +328,66 @@ def test_synchronize_reports_async_nccl_errors(
     with pytest.raises(topo.CommunicationError, match="remote process exited"):
         c.synchronize("barrier")
     assert comm.calls[-1] == ("abort",)
+
+
+# ------------------------------------------------- the fast paths, against the strict fake
+
+
+def _two_rank_fake(
+    monkeypatch: pytest.MonkeyPatch, major: int, index: int = 0
+) -> tuple[nccl_mod.NcclCommunicator, Any]:
+    """topo's communicator, index ``index`` of 2, over a strict fake that records calls."""
+    fake = _fake_cupy.make_nccl(major)
+    _fake_cupy.install(monkeypatch, fake)
+    comm = fake.NcclCommunicator(2, fake.get_unique_id(), index)  # type: ignore[attr-defined]
+    c = nccl_mod.NcclCommunicator(fake, comm, (0, 1), index, torch.device("cpu"), "axis 'tp'")
+    monkeypatch.setattr(c, "_stream", lambda: 0)
+    return c, comm
+
+
+def test_fast_paths_move_the_right_bytes_on_one_rank(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    c, comm, _ = _fake_communicator(monkeypatch, major=cupy_major)
+    x = torch.arange(6.0).reshape(3, 2)
+    out = torch.empty(3, 2)
+    assert c.all_reduce_into(x, "sum", out) is out and torch.equal(out, x)
+    assert torch.equal(c.all_gather_dim0(x), x)
+    assert torch.equal(c.reduce_scatter_dim0(x, "max"), x)
+    assert torch.equal(c.all_to_all_dim0(x), x)
+    assert torch.equal(c.all_gatherv_dim0(x, [3]), x)
+    c64 = torch.tensor([1 + 2j, 3 - 1j])
+    assert torch.equal(c.all_gatherv_dim0(c64, [2]), c64)  # moved as bytes
+    assert comm.calls[-2][:3] == ("send", 16, NCCL_DTYPES[torch.uint8])
+    assert torch.equal(c.gather(x, 0), x.unsqueeze(0))  # type: ignore[arg-type]
+    assert torch.equal(c.scatter(x.unsqueeze(0), 0), x)
+
+
+def test_fast_paths_address_each_peers_block(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    """Two ranks: counts, dtype codes, peers and the pointer of every block, as NCCL sees them."""
+    c, comm = _two_rank_fake(monkeypatch, cupy_major, index=1)
+    calls: list[tuple[Any, ...]] = []
+    for name in ("send", "recv"):
+        monkeypatch.setattr(comm, name, lambda *a, name=name: calls.append((name, *a)))
+    x = torch.arange(8.0).reshape(4, 2)
+    out = c.all_to_all_dim0(x)
+    assert out.shape == x.shape
+    base, got = x.data_ptr(), out.data_ptr()
+    assert calls == [("send", base, 4, 7, 0, 0), ("recv", got, 4, 7, 0, 0),
+                     ("send", base + 16, 4, 7, 1, 0), ("recv", got + 16, 4, 7, 1, 0)]  # fmt: skip
+    calls.clear()
+    gathered = c.all_gatherv_dim0(x[:3].contiguous(), [1, 3])  # index 1 holds 3 rows
+    assert gathered.shape == (4, 2)
+    start = gathered.data_ptr()
+    assert [k[0:3] + k[4:5] for k in calls] == [
+        ("send", calls[0][1], 6, 0), ("recv", start, 2, 0),
+        ("send", calls[0][1], 6, 1), ("recv", start + 8, 6, 1),
+    ]  # fmt: skip
+    rs = c.reduce_scatter_dim0(x, "sum")
+    assert rs.shape == (2, 2) and comm.calls[-1] == ("reduceScatter", 4, 7, 0)
+    g = c.all_gather_dim0(x)
+    assert g.shape == (8, 2) and comm.calls[-1] == ("allGather", 8, 7)
+    with pytest.raises(TypeError, match=r"NCCL cannot reduce dtype torch\.complex64"):
+        c.reduce_scatter_dim0(torch.ones(4, dtype=torch.complex64), "sum")

@@ -72,6 +72,12 @@ def as_int(
         >>> as_int(2, "DeviceMesh axis 'dp' size", minimum=1)
         2
     """
+    if (
+        type(value) is int
+        and (minimum is None or value >= minimum)
+        and (maximum is None or value <= maximum)
+    ):
+        return value  # the common case, first: a plain int in range
     if isinstance(value, bool) or _is_numpy_bool(value):
         raise TopoTypeError(
             f"{what} requires {kind}, but got the bool {value!r}; pass an int like 0 or 1"

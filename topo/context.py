@@ -96,6 +96,8 @@ class MeshContext:
         # Per-activation state of higher floors (interop) and their teardown, run at close.
         self._extensions: dict[str, Any] = {}
         self._on_close: list[Callable[[bool], None]] = []
+        # axis argument -> this rank's index along it; filled lazily.
+        self._indices: dict[Any, int] = {}
         # axis argument -> (axis names in mesh order, group size); filled lazily.
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()
@@ -165,7 +167,14 @@ class MeshContext:
 
             ctx.axis_index("tp")
         """
-        return self.mesh.axis_index(axis, self.rank)
+        try:
+            return self._indices[axis]
+        except (KeyError, TypeError):
+            pass
+        index = self.mesh.axis_index(axis, self.rank)
+        if isinstance(axis, (str, tuple)):
+            self._indices[axis] = index
+        return index
 
     def axis_size(self, axis: Axis) -> int:
         """Size of ``axis`` (product of sizes for a tuple).
@@ -244,8 +253,8 @@ class MeshContext:
 
             comm = ctx.pair_communicator(("pp",), 1, "cpu")
         """
-        me = self.mesh.axis_index(names, self.rank)
-        pair = (min(me, peer), max(me, peer))
+        me = self.axis_index(names)
+        pair = (me, peer) if me < peer else (peer, me)
         comm = self._communicators.get((names, device_type, pair))
         return comm if comm is not None else self._cached(names, device_type, pair)
 

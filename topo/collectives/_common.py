@@ -98,8 +98,10 @@ def check_reduce(
 
 def check_dim(x: torch.Tensor, dim: object, operation: str, name: str = "dim") -> int:
     """``dim`` normalized to ``0 <= dim < x.dim()``."""
-    d = as_int(dim, f"topo.{operation} {name}")
     ndim = x.dim()
+    if type(dim) is int and -ndim <= dim < ndim:
+        return dim % ndim  # the common case, first: no message is built
+    d = as_int(dim, f"topo.{operation} {name}")
     if ndim == 0:
         raise TopoValueError(
             f"topo.{operation} x requires at least one dimension for {name}, but got a 0-d "
@@ -115,6 +117,8 @@ def check_dim(x: torch.Tensor, dim: object, operation: str, name: str = "dim") -
 
 def check_index(value: object, size: int, operation: str, name: str, axis: object) -> int:
     """An index within the axis group (``src``/``dst``), ``0 <= value < size``."""
+    if type(value) is int and 0 <= value < size:
+        return value  # the common case, first: no message is built
     i = as_int(value, f"topo.{operation} {name}", kind=f"an int index within axis {axis!r}")
     if not 0 <= i < size:
         raise TopoValueError(

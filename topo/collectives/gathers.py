@@ -49,13 +49,18 @@ def all_gather(
         comm = ctx.communicator(names, device)
         into = getattr(comm, "all_gather_into", None)
         if into is not None and d == 0 and out.is_contiguous():
-            into(x.contiguous(), out.view(n, *x.shape))
-            return out
-        return out.copy_(concat_chunks(comm.all_gather(x.contiguous()), d))
+            return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
+        stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out's layout
+        out.view(*x.shape[:d], n, *x.shape[d:]).copy_(stacked.movedim(0, d))
+        return out
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
-    stacked = ctx.communicator(names, device).all_gather(x.contiguous())
-    return concat_chunks(stacked, d)
+    comm = ctx.communicator(names, device)
+    if d == 0:
+        dim0 = getattr(comm, "all_gather_dim0", None)
+        if dim0 is not None:  # the result's layout directly: no reshape
+            return dim0(x if x.is_contiguous() else x.contiguous())  # type: ignore[no-any-return]
+    return concat_chunks(comm.all_gather(x.contiguous()), d)
 
 
 def _all_gather_op(
@@ -142,6 +147,10 @@ def all_to_all(
             stack_chunks(x, sd, n, "all_to_all", axis)  # raises the divisibility error
         result: torch.Tensor = call("all_to_all", x, key, n, sd, cd)
         return result
+    if sd == 0 and cd == 0 and n > 1:
+        dim0 = getattr(ctx.communicator(names, device), "all_to_all_dim0", None)
+        if dim0 is not None and x.shape[0] % n == 0:  # chunks already laid along dim 0
+            return dim0(x if x.is_contiguous() else x.contiguous())  # type: ignore[no-any-return]
     stacked = stack_chunks(x, sd, n, "all_to_all", axis)
     # With n == 1 a contiguous x's chunks are a view of x: copy them.
     stacked = ctx.communicator(names, device).all_to_all(stacked) if n > 1 else stacked.clone()

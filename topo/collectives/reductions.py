@@ -95,6 +95,18 @@ def reduce_scatter(
     device = device_type(x, "reduce_scatter")
     check_reduce(x, op, "reduce_scatter", ctx.backend(device))
     d = check_dim(x, dim, "reduce_scatter")
+    if d == 0 and n > 1 and x.shape[0] % n == 0:  # chunks already laid along dim 0
+        comm = ctx.communicator(names, device)
+        flat = x if x.is_contiguous() else x.contiguous()
+        if out is None:
+            dim0 = getattr(comm, "reduce_scatter_dim0", None)
+            if dim0 is not None:
+                return dim0(flat, op)  # type: ignore[no-any-return]
+        else:
+            into = getattr(comm, "reduce_scatter_into", None)
+            check_out(out, x, (x.shape[0] // n, *x.shape[1:]), "reduce_scatter")
+            if into is not None and out.is_contiguous():
+                return into(flat, op, out)  # type: ignore[no-any-return]
     stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
     if out is not None:
         check_out(out, x, stacked.shape[1:], "reduce_scatter")

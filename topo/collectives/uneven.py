@@ -115,6 +115,12 @@ def reduce_scatterv(
 
 
 def _check_sizes(sizes: object, n: int, axis: Axis, operation: str) -> list[int]:
+    if (
+        isinstance(sizes, (list, tuple))
+        and len(sizes) == n
+        and all(type(s) is int and s >= 0 for s in sizes)
+    ):
+        return list(sizes)  # the common case, first: plain ints
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
         raise TopoTypeError(
             f"topo.{operation} sizes requires a sequence of {n} ints (one per index of axis "
@@ -171,20 +177,34 @@ def gatherv(
         y = gatherv(comm, x, 0, [1, 2], "padded")
     """
     n, longest, total = len(sizes), max(sizes), sum(sizes)
-    rows = x.movedim(dim, 0)
+    rows = x if dim == 0 else x.movedim(dim, 0)
     rest = tuple(rows.shape[1:])
     if method == "auto":
         # gloo measurement (benchmarks/transport.py): p2p beats padding already at 1.6x bytes
         method = "p2p" if 4 * n * longest > 5 * total else "padded"
+    if method == "p2p" and dim == 0:
+        fast = getattr(comm, "all_gatherv_dim0", None)
+        if fast is not None:
+            return fast(x if x.is_contiguous() else x.contiguous(), sizes)  # type: ignore[no-any-return]
     if method == "p2p":
-        mine = rows.contiguous()
-        parts = [
-            mine if i == comm.index else rows.new_empty((c, *rest)) for i, c in enumerate(sizes)
-        ]
-        sends = [(i, mine) for i in range(n) if i != comm.index and mine.numel()]
-        recvs = [(i, p) for i, p in enumerate(parts) if i != comm.index and p.numel()]
-        comm.exchange(sends, recvs)
-        out = torch.cat(parts)
+        me = comm.index
+        mine = rows if rows.is_contiguous() else rows.contiguous()
+        out = rows.new_empty((total, *rest))
+        sends, recvs, start = [], [], 0
+        for i, count in enumerate(sizes):
+            if i == me:
+                if count:
+                    out.narrow(0, start, count).copy_(mine)
+            else:
+                if count:
+                    recvs.append((i, out.narrow(0, start, count)))
+                if mine.numel():
+                    sends.append((i, mine))
+            start += count
+        if sends or recvs:
+            comm.exchange(sends, recvs)
+        if dim == 0:
+            return out
     elif method == "broadcast":
         parts = []
         for i, count in enumerate(sizes):

@@ -5,6 +5,24 @@ layer resolves the axis, validates arguments, makes inputs contiguous and lays c
 dimension 0 before it calls a communicator, so an implementation only sees the simple forms
 below. Every method is out-of-place: it never writes into its input and returns new tensors.
 A vendor adds a device kind by implementing this protocol (see ``gloo.py`` and ``nccl.py``).
+
+A communicator may also serve the collectives' fast paths, which they look up with
+``getattr`` and use when present (contiguous tensors, as always):
+
+- ``all_reduce_into(x, op, out)``: the reduction written into ``out`` (``x``'s shape; may be
+  ``x``); returns ``out``;
+- ``all_gather_into(x, out)``: into ``out`` of ``size * x.numel()`` elements laid out as
+  ``(size, *x.shape)`` (that shape, or ``(size * x.shape[0], ...)``); returns ``out``;
+- ``all_gather_dim0(x)``: every rank's ``x`` concatenated along dim 0;
+- ``reduce_scatter_dim0(x, op)`` / ``reduce_scatter_into(x, op, out)``: ``x`` of
+  ``(size * k, ...)``, block ``i`` of ``k`` rows for index ``i``; returns (or fills) ``(k, ...)``;
+- ``all_to_all_dim0(x)``: ``x`` of ``(size * k, ...)``; block ``j`` of the result came from
+  index ``j``;
+- ``all_gatherv_dim0(x, sizes)``: every rank's ``x`` (``sizes[i]`` rows from index ``i``)
+  concatenated along dim 0.
+
+They save the reshapes and copies of the general path; without them the collectives use the
+protocol below.
 """
 
 from __future__ import annotations

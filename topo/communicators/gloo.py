@@ -164,9 +164,16 @@ class GlooCommunicator:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_gather_into(x, self.buffers.empty((self.size, *x.shape), x.dtype))
 
+    def all_gather_dim0(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along dim 0: ``(size * x.shape[0], ...)``."""
+        shape = (self.size * x.shape[0], *x.shape[1:])
+        return self.all_gather_into(x, self.buffers.empty(shape, x.dtype))
+
     def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """:meth:`all_gather` written into ``out`` (contiguous, ``(size, *x.shape)``)."""
-        src, chunks = _as_bytes(x), list(_as_bytes(out).unbind(0))
+        """:meth:`all_gather` written into ``out``: contiguous, ``(size, *x.shape)`` or any
+        shape with that layout (``(size * x.shape[0], ...)``)."""
+        stacked = out if out.dim() == x.dim() + 1 else out.view(self.size, *x.shape)
+        src, chunks = _as_bytes(x), list(_as_bytes(stacked).unbind(0))
         self._run("all_gather", lambda: self.pg.allgather([chunks], [src]), [src, *chunks])
         return out
 
@@ -178,6 +185,10 @@ class GlooCommunicator:
         if op == "prod":
             return received.prod(0, dtype=x.dtype)
         return received.amax(0) if op == "max" else received.amin(0)
+
+    def reduce_scatter_dim0(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """``x`` of ``(size * k, ...)``: the reduction of every rank's block ``index``."""
+        return self.reduce_scatter(x.view(self.size, x.shape[0] // self.size, *x.shape[1:]), op)
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
         y = self.buffers.empty_like(x)
@@ -210,6 +221,11 @@ class GlooCommunicator:
         inputs = [chunks] if self.index == src else []
         self._run("scatter", lambda: self.pg.scatter([moved], inputs, opts), [moved, *chunks])
         return out
+
+    def all_to_all_dim0(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of ``(size * k, ...)``: block ``j`` of the result is index ``j``'s block
+        ``index`` (gloo's all-to-all splits dim 0 itself)."""
+        return self.all_to_all(x)
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         out = self.buffers.empty_like(x)

@@ -11,6 +11,7 @@ needs it, and any cupy build (cupy-cuda12x, cupy-cuda13x) works.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -191,56 +192,90 @@ class NcclCommunicator:
             raise self._failed(what, error) from None
 
     @staticmethod
-    def _count(x: torch.Tensor) -> int:
-        """Elements to move: the element count, or the byte count for dtypes moved as bytes."""
-        return x.numel() if x.dtype in NCCL_DTYPES else x.numel() * x.element_size()
+    def _moved(x: torch.Tensor) -> tuple[int, int]:
+        """``(count, ncclDataType_t)`` to move ``x`` unreduced: its elements, or its bytes for
+        dtypes NCCL has no type for (8-bit floats, complex, bool, ...)."""
+        code = _CODES.get(x.dtype)
+        if code is not None:
+            return x.numel(), code
+        return x.numel() * x.element_size(), _UINT8
+
+    def _reduce_codes(self, x: torch.Tensor, op: ReduceOp) -> tuple[int, int, bool]:
+        """``(dtype code, op code, native)`` for reducing ``x``; ``native`` is False where
+        NCCL has no ``avg`` (< 2.10): sum, then divide."""
+        code = _CODES.get(x.dtype)
+        if code is None:
+            code = nccl_dtype(x.dtype, True)  # raises: NCCL cannot reduce this dtype
+        if op != "avg" or self._native_avg:
+            return code, _OPS[op], True
+        return code, _OPS["sum"], False
 
     # ------------------------------------------------------------- collectives
-    # The reductions are the hot path: no context manager, no Stream object, one dict lookup
-    # per code; every check that can be made once was made at creation.
+    # The hot path: no context manager, no Stream object, a dict lookup per code, pointers
+    # computed instead of views made; every check that can be made once was made at creation.
+    # Besides the protocol, the communicator serves the collectives' fast paths (``*_into``
+    # write into the caller's tensor; ``*_dim0`` take and give chunks laid along dim 0).
 
     def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        return self.all_reduce_into(x, op, torch.empty_like(x))
+
+    def all_reduce_into(self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`all_reduce` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
+        ``x`` itself)."""
         if x.device != self.device:
             self._check(x, "all_reduce")
         comm = self._comm or self._live()
-        y = torch.empty_like(x)
-        native = op != "avg" or self._native_avg
+        code, nccl_op, native = self._reduce_codes(x, op)
         try:
-            comm.allReduce(
-                x.data_ptr(), y.data_ptr(), x.numel(), nccl_dtype(x.dtype, True),
-                NCCL_OPS[op if native else "sum"], self._stream(),
-            )  # fmt: skip
+            comm.allReduce(x.data_ptr(), out.data_ptr(), x.numel(), code, nccl_op, self._stream())
         except self._nccl.NcclError as error:
             raise self._failed("all_reduce", error) from None
         if not native:
-            y /= self.size
-        return y
+            out /= self.size
+        return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_gather_into(x, x.new_empty((self.size, *x.shape)))
+
+    def all_gather_dim0(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along dim 0: ``(size * x.shape[0], ...)``."""
+        return self.all_gather_into(x, x.new_empty((self.size * x.shape[0], *x.shape[1:])))
+
+    def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`all_gather` written into ``out``: contiguous, ``size * x.numel()`` elements
+        of ``x``'s dtype, index ``i``'s ``x`` in block ``i`` (any shape with that layout)."""
         if x.device != self.device:
             self._check(x, "all_gather")
         comm = self._comm or self._live()
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        count, code = self._moved(x)
         try:
-            comm.allGather(
-                x.data_ptr(), out.data_ptr(), self._count(x), nccl_dtype(x.dtype, False),
-                self._stream(),
-            )  # fmt: skip
+            comm.allGather(x.data_ptr(), out.data_ptr(), count, code, self._stream())
         except self._nccl.NcclError as error:
             raise self._failed("all_gather", error) from None
         return out
 
     def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        return self.reduce_scatter_into(x, op, x.new_empty(x.shape[1:]))
+
+    def reduce_scatter_dim0(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """``x`` of ``(size * k, ...)``: the reduction of every rank's block ``index`` of ``k``
+        rows."""
+        rows = x.shape[0] // self.size
+        return self.reduce_scatter_into(x, op, x.new_empty((rows, *x.shape[1:])))
+
+    def reduce_scatter_into(
+        self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`reduce_scatter` written into ``out`` (contiguous, ``x.numel() // size``
+        elements); block ``i`` of ``x``'s memory goes to index ``i``."""
         if x.device != self.device:
             self._check(x, "reduce_scatter")
         comm = self._comm or self._live()
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        native = op != "avg" or self._native_avg
+        code, nccl_op, native = self._reduce_codes(x, op)
         try:
             comm.reduceScatter(
-                x.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(x.dtype, True),
-                NCCL_OPS[op if native else "sum"], self._stream(),
-            )  # fmt: skip
+                x.data_ptr(), out.data_ptr(), out.numel(), code, nccl_op, self._stream()
+            )
         except self._nccl.NcclError as error:
             raise self._failed("reduce_scatter", error) from None
         if not native:
@@ -248,30 +283,30 @@ class NcclCommunicator:
         return out
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        self._check(x, "broadcast")
-        comm = self._live()
+        if x.device != self.device:
+            self._check(x, "broadcast")
+        comm = self._comm or self._live()
         y = torch.empty_like(x)
+        count, code = self._moved(x)
         try:
-            comm.broadcast(
-                x.data_ptr(), y.data_ptr(), self._count(x), nccl_dtype(x.dtype, False), src,
-                self._stream(),
-            )  # fmt: skip
+            comm.broadcast(x.data_ptr(), y.data_ptr(), count, code, src, self._stream())
         except self._nccl.NcclError as error:
             raise self._failed("broadcast", error) from None
         return y
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         self._check(x, "gather")
-        code, count = nccl_dtype(x.dtype, False), self._count(x)
+        count, code = self._moved(x)
         if self.index != dst:
             self._grouped("gather", lambda c, s: c.send(x.data_ptr(), count, code, dst, s))
             return None
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        out = x.new_empty((self.size, *x.shape))
+        base, step = out.data_ptr(), x.nbytes
 
         def receive(comm: Any, stream: int) -> None:
             for peer in range(self.size):
                 if peer != dst:
-                    comm.recv(out[peer].data_ptr(), count, code, peer, stream)
+                    comm.recv(base + peer * step, count, code, peer, stream)
 
         self._grouped("gather", receive)
         out[dst].copy_(x)
@@ -279,14 +314,15 @@ class NcclCommunicator:
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
         self._check(x, "scatter")
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        code, count = nccl_dtype(x.dtype, False), self._count(out)
+        out = x.new_empty(x.shape[1:])
+        count, code = self._moved(out)
+        base, step = x.data_ptr(), out.nbytes
 
         def move(comm: Any, stream: int) -> None:
             if self.index == src:
                 for peer in range(self.size):
                     if peer != src:
-                        comm.send(x[peer].data_ptr(), count, code, peer, stream)
+                        comm.send(base + peer * step, count, code, peer, stream)
             else:
                 comm.recv(out.data_ptr(), count, code, src, stream)
 
@@ -296,16 +332,52 @@ class NcclCommunicator:
         return out
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x, "all_to_all")
+        return self.all_to_all_dim0(x)
+
+    def all_to_all_dim0(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of ``(size * k, ...)`` (or stacked ``(size, ...)``): block ``j`` of the result
+        is index ``j``'s block ``index``; the result has ``x``'s shape."""
+        if x.device != self.device:
+            self._check(x, "all_to_all")
         out = torch.empty_like(x)
-        code, count = nccl_dtype(x.dtype, False), self._count(x[0])
+        n = self.size
+        count, code = self._moved(x)
+        count //= n
+        step = x.nbytes // n
+        sent, received = x.data_ptr(), out.data_ptr()
 
         def move(comm: Any, stream: int) -> None:
-            for peer in range(self.size):
-                comm.send(x[peer].data_ptr(), count, code, peer, stream)
-                comm.recv(out[peer].data_ptr(), count, code, peer, stream)
+            for peer in range(n):
+                comm.send(sent + peer * step, count, code, peer, stream)
+                comm.recv(received + peer * step, count, code, peer, stream)
 
         self._grouped("all_to_all", move)
+        return out
+
+    def all_gatherv_dim0(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Every rank's ``x`` (index ``i`` has ``sizes[i]`` rows) concatenated along dim 0, in
+        one group of sends and receives (this rank's part too: NCCL copies to itself)."""
+        if x.device != self.device:
+            self._check(x, "all_gatherv")
+        out = x.new_empty((sum(sizes), *x.shape[1:]))
+        row_elements = math.prod(x.shape[1:])
+        code = _CODES.get(x.dtype)
+        per_row = row_elements if code is not None else row_elements * x.element_size()
+        code = _UINT8 if code is None else code
+        row_bytes = row_elements * x.element_size()
+        mine = sizes[self.index] * per_row
+        sent, received = x.data_ptr(), out.data_ptr()
+
+        def move(comm: Any, stream: int) -> None:
+            offset = 0
+            for peer, rows in enumerate(sizes):
+                if mine:
+                    comm.send(sent, mine, code, peer, stream)
+                if rows:
+                    comm.recv(received + offset, rows * per_row, code, peer, stream)
+                offset += rows * row_bytes
+
+        self._grouped("all_gatherv", move)
         return out
 
     def exchange(
@@ -313,16 +385,20 @@ class NcclCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
-        for _, t in (*sends, *recvs):
-            self._check(t, "send/recv")
+        device = self.device
+        for _, t in sends:
+            if t.device != device:
+                self._check(t, "send/recv")
+        for _, t in recvs:
+            if t.device != device:
+                self._check(t, "send/recv")
+        moved = self._moved
 
         def move(comm: Any, stream: int) -> None:
             for peer, t in sends:
-                comm.send(t.data_ptr(), self._count(t), nccl_dtype(t.dtype, False), peer, stream)
+                comm.send(t.data_ptr(), *moved(t), peer, stream)
             for peer, buf in recvs:
-                comm.recv(
-                    buf.data_ptr(), self._count(buf), nccl_dtype(buf.dtype, False), peer, stream
-                )
+                comm.recv(buf.data_ptr(), *moved(buf), peer, stream)
 
         self._grouped("send/recv", move)
 
@@ -432,6 +508,10 @@ class NcclCommunicator:
 def _current_stream_handle(device_index: int) -> int:
     return int(torch.cuda.current_stream(device_index).cuda_stream)
 
+
+_CODES = dict(NCCL_DTYPES)
+_OPS = dict(NCCL_OPS)
+_UINT8 = NCCL_DTYPES[torch.uint8]
 
 #: The current stream's raw handle for a device index: torch's private fast path when this
 #: torch has it (no Stream object, no device-index resolution), else the public API.
