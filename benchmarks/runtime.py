@@ -7,7 +7,9 @@
 2. 64 MiB ``topo.all_reduce`` algbw vs the raw call;
 3. activating a 2×2 mesh and running one collective on each axis, vs torch's
    ``init_device_mesh`` on gloo (+ one collective per dim), in the same processes;
-4. store operations per rank at activation (and for a first collective), at 4 and 8 ranks.
+4. store operations per rank at activation (and for a first collective), at 4 and 8 ranks;
+5. every collective on gloo (4 ranks, 4 B and 64 MiB per rank): topo allocating, topo with
+   ``out=`` and the raw call on the same process group (``--gloo`` runs only this).
 
 Run: ``python benchmarks/runtime.py`` (a few minutes on 2 cores); ``--small`` runs only
 section 1 (under a minute). topo and raw calls are interleaved in blocks and the statistics
@@ -245,6 +247,113 @@ def store_ops() -> dict[str, int]:
             "first dp collective": after_dp - after_tp}  # fmt: skip
 
 
+def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Section 5 on each rank of a 4-rank axis: every collective with ``nbytes`` per rank —
+    topo allocating, topo with ``out=`` (where it has one), and the raw call on the same
+    ``ProcessGroupGloo`` topo's communicator wraps, into preallocated outputs — in
+    alternating order, ``reps`` times each."""
+    import torch.distributed as torch_dist
+
+    import topo._dist as dist
+
+    ctx = topo.current()
+    names = ctx.mesh.axis_names
+    n, me = ctx.axis_size(names), ctx.axis_index(names)
+    count = max(nbytes // 4, n)
+    count -= count % n
+    x, out = torch.ones(count), torch.empty(count)
+    gathered, part = torch.empty(n * count), torch.empty(count // n)
+    topo.all_reduce(x, axis=names)
+    pg: Any = ctx.communicator(names, "cpu").pg  # type: ignore[attr-defined]
+    peer = me ^ 1  # pairs (0, 1), (2, 3) for send/recv
+    sizes = [count if i % 2 == 0 else count // 2 for i in range(n)]
+    mine = torch.ones(sizes[me])
+    allreduce, bcast = dist.AllreduceOptions(), dist.BroadcastOptions()
+    bcast.rootRank = 0
+    reduce_scatter = torch_dist.ReduceScatterOptions()
+
+    def raw_all_reduce() -> None:
+        out.copy_(x)
+        pg.allreduce([out], allreduce).wait()
+
+    def topo_p2p() -> object:
+        if me % 2 == 0:
+            return topo.send(x, names, dst=peer)
+        return topo.recv((count,), torch.float32, names, src=peer)
+
+    def raw_p2p() -> None:
+        if me % 2 == 0:
+            pg.send([x], peer, 0).wait()
+        else:
+            pg.recv([out], peer, 0).wait()
+
+    table: dict[str, dict[str, Any]] = {
+        "all_reduce": {"topo": lambda: topo.all_reduce(x, names),
+                       "topo out=": lambda: topo.all_reduce(x, names, out=out),
+                       "raw": raw_all_reduce},
+        "all_gather": {"topo": lambda: topo.all_gather(x, names),
+                       "topo out=": lambda: topo.all_gather(x, names, out=gathered),
+                       "raw": lambda: pg.allgather([list(gathered.view(n, count).unbind(0))],
+                                                   [x]).wait()},
+        "reduce_scatter": {"topo": lambda: topo.reduce_scatter(x, names),
+                           "topo out=": lambda: topo.reduce_scatter(x, names, out=part),
+                           "raw": lambda: pg._reduce_scatter_base(part, x, reduce_scatter).wait()},
+        "broadcast": {"topo": lambda: topo.broadcast(x, names),
+                      "raw": lambda: pg.broadcast([out], bcast).wait()},
+        "all_to_all": {"topo": lambda: topo.all_to_all(x, names),
+                       "raw": lambda: pg.alltoall_base(out, x, [], [],
+                                                       dist.AllToAllOptions()).wait()},
+        "send/recv": {"topo": topo_p2p, "raw": raw_p2p},
+        "all_gatherv": {"topo": lambda: topo.all_gatherv(mine, names, sizes=sizes)},
+    }  # fmt: skip
+    result: dict[str, dict[str, list[float]]] = {}
+    barrier = dist.BarrierOptions()
+    per_rep = 100 if nbytes < (1 << 20) else 1  # small messages: blocks of calls
+    for collective, calls in table.items():
+        for fn in calls.values():
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        orders = list(itertools.permutations(calls))
+        for rep in range(reps):
+            for which in orders[rep % len(orders)]:
+                fn = calls[which]
+                pg.barrier(barrier).wait()
+                start = time.perf_counter()
+                for _ in range(per_rep):
+                    fn()
+                times[which].append((time.perf_counter() - start) / per_rep)
+        result[collective] = times
+    return result
+
+
+def _cell(value: float | None, unit: float) -> str:
+    return f"{value * unit:.1f}" if value is not None else "n/a"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a is not None and b else "n/a"
+
+
+def gloo_table_report(reps: int) -> None:
+    """Section 5: print every collective's table for 4 B and 64 MiB on 4 ranks."""
+    mesh = topo.DeviceMesh(dp=2, tp=2)
+    for nbytes, unit, name in ((4, 1e6, "us"), (64 << 20, 1e3, "ms")):
+        res = topo.spawn(gloo_every_collective, mesh, nbytes, reps, timeout=900)
+        print(f"\n{nbytes} bytes per rank, 4 ranks (median of {reps} blocks, slowest rank; raw "
+              f"= the same ProcessGroupGloo, preallocated outputs)")  # fmt: skip
+        print(f"| collective | topo {name} | topo out= {name} | raw {name} | topo/raw | "
+              f"out=/raw |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|")
+        for collective in res[0]:
+            med = {
+                k: statistics.median(_slowest([r[collective] for r in res], k))
+                for k in res[0][collective]
+            }
+            t, o, r = med.get("topo"), med.get("topo out="), med.get("raw")
+            print(f"| {collective} | {_cell(t, unit)} | {_cell(o, unit)} | {_cell(r, unit)} | "
+                  f"{_ratio(t, r)} | {_ratio(o, r)} |")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ parent
 
 
@@ -307,6 +416,10 @@ def main() -> None:
         f"# topo runtime benchmark: torch {torch.__version__}, python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs; times are the slowest rank's"
     )
+    if "--gloo" in sys.argv[1:]:
+        print("\n## 5. every collective on gloo: topo vs the raw call on the same process group")
+        gloo_table_report(reps=7)
+        return
     print("\n## 1. all_reduce of a 4-byte CPU tensor: host time per call (median over blocks)")
     small_all_reduce_report()
     if "--small" in sys.argv[1:]:
@@ -348,6 +461,9 @@ def main() -> None:
         print(f"{f'{mesh} ({mesh.size} ranks)':<34} " + ", ".join(cells))
     print("(tp has 2 ranks in both meshes; dp has 2 and 4: a group's rendezvous grows with the")
     print(" group, not the world)")
+
+    print("\n## 5. every collective on gloo: topo vs the raw call on the same process group")
+    gloo_table_report(reps=7)
 
 
 def _main_guard() -> Any:

@@ -45,6 +45,9 @@ def test_compile_outside_an_activation_says_so() -> None:
 
 
 def test_opcheck_every_op_on_a_group_of_one() -> None:
+    import topo.ops
+
+    topo.ops.load()  # torch.ops.topo.* used directly: register them first
     with DeviceMesh(tp=1).activate(World(rank=0, world_size=1, master_port=0), timeout=30):
         for name, args in fns.OPCHECK_ARGS.items():
             example = args(torch.randn(4, 6, requires_grad=True))
@@ -61,3 +64,21 @@ def test_compiled_max_reduction_compiles_and_raises_only_at_backward() -> None:
         torch.testing.assert_close(y, torch.ones(3))
         with pytest.raises(topo.NotDifferentiableError, match="op='max'"):
             y.sum().backward()
+
+
+def test_plain_collectives_register_no_custom_op(python_subprocess: Any) -> None:
+    """``import topo`` and a plain collective leave torch.library and dynamo alone; the first
+    collective on an input that requires grad registers topo's ops."""
+    code = (
+        "import sys, torch, topo\n"
+        "w = topo.World(rank=0, world_size=1, master_port=0)\n"
+        "with topo.DeviceMesh(tp=1).activate(w, timeout=30):\n"
+        "    topo.all_reduce(torch.ones(2), 'tp')\n"
+        "    topo.all_gather(torch.ones(2), 'tp')\n"
+        "    print(sorted(m for m in ('topo.ops.all_reduce', 'torch._dynamo') if m in sys.modules))\n"
+        "    topo.all_reduce(torch.ones(2, requires_grad=True), 'tp').sum().backward()\n"
+        "    print('topo.ops.scatter' in sys.modules, hasattr(torch.ops.topo, 'all_to_all'))\n"
+    )
+    done = python_subprocess(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True", "True"]

@@ -153,6 +153,7 @@ def connect_store(
         sock = listen_socket(bind or addr, port)
         return host_store(addr, sock, timeout)
     deadline = time.monotonic() + timeout.total_seconds()
+    _wait_until_listening(addr, port, deadline)
 
     def reach() -> dist.Store:
         return dist.TCPStore(addr, port, None, False, timeout, wait_for_workers=False)
@@ -173,6 +174,20 @@ def connect_store(
             f"{str(error).splitlines()[0] if str(error) else ''}); is rank 0 running, and are "
             f"MASTER_ADDR/MASTER_PORT the same on every rank?"
         ) from None
+
+
+def _wait_until_listening(addr: str, port: int, deadline: float) -> None:
+    """Poll ``addr:port`` every few milliseconds until something listens there (or the
+    deadline passes: then ``TCPStore`` reports it): ``TCPStore``'s own connect retries back
+    off for up to a second, which a rank started before rank 0 would otherwise wait out."""
+    pause = 0.005
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
 
 
 class _Worker:

@@ -11,7 +11,7 @@ from topo.active import find_context
 from topo.collectives._common import check_index, check_peer, check_tensor, device_type
 from topo.communicators.base import Communicator
 from topo.context import MeshContext
-from topo.errors import TopoTypeError, TopoValueError
+from topo.errors import BackendUnavailableError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
 from topo.ops._library import call, group_of, needs_op
 
@@ -85,8 +85,21 @@ def recv(
         raise TopoValueError(
             f"topo.recv device requires a device like 'cpu' or 'cuda:0', but got {device!r}"
         ) from None
-    buffer = check_tensor(torch.empty(dims, dtype=dtype, device=place), "recv", "device")
-    comm = _pair(ctx, names, n, axis, src, "recv", "src", buffer.device.type)
+    kind = place.type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"topo.recv device {device!r} requires a CUDA GPU, but torch sees none "
+            f"(torch.cuda.is_available() is False); receive on 'cpu' (gloo) instead"
+        )
+    if kind not in ("cpu", "cuda"):
+        device_type(torch.empty(0, dtype=dtype, device=place), "recv", "device")  # raises
+    comm = _pair(ctx, names, n, axis, src, "recv", "src", kind)
+    pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
+    buffer: torch.Tensor
+    if pool is not None and kind == "cpu":
+        buffer = pool.empty(dims, dtype)
+    else:
+        buffer = torch.empty(dims, dtype=dtype, device=place)
     comm.exchange([], [(1 - comm.index, buffer)])
     return buffer
 

@@ -6,19 +6,14 @@ grad or torch.compile is tracing (see :func:`topo.ops._library.needs_op`); plain
 go straight to the communicator. Every op is marked side-effecting, so a compiled graph keeps
 it (in program order) even where a rank ignores the result. See docs/autograd.md and
 docs/compile.md.
+
+The ops are registered on first need, not at import: ``import topo`` and plain collectives
+never pay for ``torch.library`` registration (about 0.1 s). :func:`load` registers them; the
+differentiable and compiled paths call it (through ``topo.ops._library.group_of``), and code
+that calls ``torch.ops.topo.<name>`` directly calls it first.
 """
 
-from topo.ops import (  # noqa: F401  (importing a module registers its ops)
-    all_gather,
-    all_reduce,
-    all_to_all,
-    broadcast,
-    gather,
-    no_grad,
-    ppermute,
-    reduce_scatter,
-    scatter,
-)
+import importlib
 
 __all__: list[str] = []
 
@@ -37,3 +32,31 @@ OP_NAMES = (
     "ppermute",
     "not_differentiable",
 )
+
+
+#: The modules that define the ops (importing one registers its ops).
+_MODULES = (
+    "all_gather",
+    "all_reduce",
+    "all_to_all",
+    "broadcast",
+    "gather",
+    "no_grad",
+    "ppermute",
+    "reduce_scatter",
+    "scatter",
+)
+
+
+def load() -> None:
+    """Register every ``torch.ops.topo.<name>`` op (once; later calls return at once).
+
+    Example::
+
+        import topo.ops
+
+        topo.ops.load()
+        torch.ops.topo.all_reduce   # now defined
+    """
+    for name in _MODULES:
+        importlib.import_module(f"topo.ops.{name}")

@@ -12,6 +12,7 @@ compiled graph runs later, in the activation it was traced in or in the caller's
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +39,18 @@ def needs_op(x: object) -> bool:
 
 def group_of(axis: Axis, operation: str) -> tuple[str, int, int]:
     """``(key, size, index)`` of ``axis`` in the active context; torch.compile evaluates it once
-    while tracing (a context variable cannot be traced) and keeps the result as a constant."""
+    while tracing (a context variable cannot be traced) and keeps the result as a constant.
+    Registers topo's custom ops on the first call (every op path passes here first)."""
+    if _LAST_OP_MODULE not in sys.modules:
+        from topo.ops import load
+
+        load()
     ctx, names, n = find_context(axis, operation)
     return group_key(ctx, names), n, ctx.axis_index(names)
+
+
+#: The op module ``topo.ops.load`` imports last: once it is loaded, every op is registered.
+_LAST_OP_MODULE = "topo.ops.scatter"
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.6 s)
