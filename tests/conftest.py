@@ -7,8 +7,15 @@ Every test that starts processes (``topo.spawn`` or a Python subprocess) carries
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+
+# Before anything imports torch (here and in every process a test starts): the tests provoke
+# failures on purpose (dead peers, a store that goes away), and torch's C++ layer would print
+# a 33-frame stack for each, in the middle of passing tests. topo turns every such failure
+# into a Python exception with its own message, so nothing is lost.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+
+import multiprocessing
 import socket
 import subprocess
 import sys

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ import pytest
 
 import topo
 from topo import DeviceMesh
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_spawn_argument_errors() -> None:
@@ -144,3 +149,30 @@ def test_concurrent_spawns_do_not_collide(spawn_timeout: int) -> None:
         ]
         assert len({port for _, _, _, port, _, _ in result}) == 1  # one store per spawn
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.multiprocess
+def test_env_reaches_ranks_before_the_script_imports_torch(tmp_path: Path) -> None:
+    """A script that imports torch at the top: ``env`` (and the default OMP_NUM_THREADS, a
+    fair share of the cores as torchrun sets it) are in place before the rank imports it."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, torch, topo\n"
+        "def threads():\n"
+        "    return torch.get_num_threads(), os.environ.get('MY_FLAG')\n"
+        "if __name__ == '__main__':\n"
+        "    mesh = topo.DeviceMesh(tp=2)\n"
+        "    print(topo.spawn(threads, mesh, env={'OMP_NUM_THREADS': '1', 'MY_FLAG': 'x'}))\n"
+        "    print(topo.spawn(threads, mesh))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+        env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.strip().splitlines()
+    assert first == "[(1, 'x'), (1, 'x')]"
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert second == f"[({share}, None), ({share}, None)]"
+    assert "MY_FLAG" not in os.environ  # the parent's environment is left as it was

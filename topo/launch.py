@@ -70,7 +70,11 @@ def spawn(
     ``share_gpu=True`` lets all ranks share GPU 0 for NCCL correctness tests (each rank gets
     its own ``NCCL_HOSTID``, with ``NCCL_P2P_DISABLE=1`` and ``NCCL_SHM_DISABLE=1``, so NCCL
     treats them as separate hosts; slow, but real multi-rank NCCL). ``env`` adds environment
-    variables to every rank.
+    variables to every rank; they are in the rank's environment from its first instruction,
+    before it imports your script (and torch), as a launcher's would be. As torchrun does,
+    each rank gets ``OMP_NUM_THREADS`` = max(1, cores // ranks) unless ``env`` or this
+    process's environment sets it: ranks that each use every core's threads run several times
+    slower.
 
     Example::
 
@@ -130,6 +134,18 @@ class _Launch:
         self.conns: list[mpc.Connection] = []
         self.lifelines: list[mpc.Connection] = []
 
+    def _child_env(self, rank: int) -> dict[str, str]:
+        """What rank ``rank``'s process must see from its start: the caller's ``env``, a
+        fair share of the cores for its OpenMP threads, and the shared-GPU NCCL variables."""
+        env = dict(self.env)
+        if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, _cores() // self.mesh.size))
+        if self.share_gpu:
+            env.update(
+                NCCL_HOSTID=f"topo-rank-{rank}", NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1"
+            )
+        return env
+
     def run(self) -> list[Any]:
         context = mp.get_context("spawn")
         n = self.mesh.size
@@ -144,7 +160,7 @@ class _Launch:
                     self.payload,
                     self.activation_timeout,
                     self.share_gpu,
-                    self.env,
+                    self._child_env(rank),
                 )
                 proc = context.Process(
                     target=_child_main,
@@ -152,7 +168,8 @@ class _Launch:
                     name=f"topo-rank-{rank}",
                     daemon=False,  # ranks may start processes (DataLoader workers) too
                 )
-                proc.start()
+                with _environment(spec.env):  # the new interpreter starts with it
+                    proc.start()
                 child_end.close()
                 life_read.close()
                 self.procs.append(proc)
@@ -296,6 +313,35 @@ class _Launch:
             conn.close()
 
 
+#: Serializes the brief change of this process's environment around a rank's start.
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _environment(extra: Mapping[str, str]) -> Any:
+    """``os.environ`` with ``extra`` while the block runs (a process started inside inherits
+    it from its first instruction); restored afterwards."""
+    with _ENV_LOCK:
+        saved = {name: os.environ.get(name) for name in extra}
+        os.environ.update(extra)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _signal_name(code: int | None) -> str:
     if code is None or code >= 0:
         return ""
@@ -341,7 +387,7 @@ def _die_with_parent(lifeline: mpc.Connection) -> None:
 
 
 def _child_main(spec: _ChildSpec, conn: mpc.Connection, lifeline: mpc.Connection) -> None:
-    os.environ.update(spec.env)  # before anything imports torch: OMP_NUM_THREADS etc. apply
+    os.environ.update(spec.env)  # set at the process's start already (see _environment)
     _die_with_parent(lifeline)
     try:
         result = _run_rank(spec, conn)
@@ -357,14 +403,6 @@ def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
     from topo.store import host_store, listen_socket
     from topo.world import World
 
-    if spec.share_gpu:
-        os.environ.update(
-            {
-                "NCCL_HOSTID": f"topo-rank-{spec.rank}",
-                "NCCL_P2P_DISABLE": "1",
-                "NCCL_SHM_DISABLE": "1",
-            }
-        )
     wait = timedelta(seconds=spec.activation_timeout)
     store = None
     if spec.rank == 0:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from topo.bench.config import BenchConfig, config_from_args
+from topo.bench.config import FULL, BenchConfig, config_from_args, format_size, parse_size
 from topo.bench.measure import run_rank
 from topo.bench.report import aggregate, format_table, plot, to_csv
 from topo.mesh import DeviceMesh
@@ -66,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.csv:
         print(to_csv(rows), end="")
     else:
-        print(format_table(rows, header), end="")
+        quick = not args.full and (args.min_bytes, args.max_bytes, args.factor) == (None,) * 3
+        footer = (
+            f"# the full sweep ({format_size(parse_size(FULL[0]))} to "
+            f"{format_size(parse_size(FULL[1]))} by {FULL[2]}x: 24 sizes per collective and "
+            f"axis, a few minutes on 2 cores): topo bench --full"
+            if quick
+            else ""
+        )
+        print(format_table(rows, header, footer), end="")
     if args.plot:
         plot(rows, args.plot)
         print(f"# plot saved to {args.plot}", file=sys.stderr)

@@ -27,6 +27,11 @@ __all__ = [
 #: The collectives ``topo bench`` measures, in table order.
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
 
+#: The default sweep (min, max, factor): 8 B, 4 KiB and 2 MiB — every collective, in seconds.
+QUICK = ("8", "2M", 512)
+#: ``--full``: 8 B to 64 MiB by 2 (24 sizes; minutes on a 2-core machine).
+FULL = ("8", "64M", 2)
+
 _UNITS = MappingProxyType({"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
           "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3})  # fmt: skip
 
@@ -110,9 +115,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(COLLECTIVES),
         help=f"comma list from {', '.join(COLLECTIVES)} (default: all)",
     )
-    parser.add_argument("-b", "--min-bytes", default="8", help="smallest size (default 8)")
-    parser.add_argument("-e", "--max-bytes", default="64M", help="largest size (default 64M)")
-    parser.add_argument("-f", "--factor", type=int, default=2, help="size step factor (default 2)")
+    parser.add_argument(
+        "-b", "--min-bytes", default=None, help=f"smallest size (default {QUICK[0]})"
+    )
+    parser.add_argument("-e", "--max-bytes", default=None, help=f"largest size (default {QUICK[1]})")
+    parser.add_argument(
+        "-f", "--factor", type=int, default=None, help=f"size step factor (default {QUICK[2]})"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the full sweep: {FULL[0]} B to {FULL[1]}B by a factor {FULL[2]} (24 sizes; "
+        f"-b/-e/-f override it)",
+    )
     parser.add_argument("-d", "--dtype", default="float32", help="element type (default float32)")
     parser.add_argument(
         "-o", "--op", default="sum", choices=["sum", "max", "min", "prod"], help="reduction"
@@ -152,17 +167,20 @@ def config_from_args(args: argparse.Namespace, mesh: DeviceMesh) -> BenchConfig:
         raise TopoValueError(
             f"--dtype requires one of {dtype_names(GLOO_REDUCE_DTYPES)}, but got {args.dtype!r}"
         )
-    low, high = parse_size(args.min_bytes), parse_size(args.max_bytes)
-    if not 0 < low <= high or args.factor < 2:
+    sweep = FULL if getattr(args, "full", False) else QUICK
+    low = parse_size(args.min_bytes if args.min_bytes is not None else sweep[0])
+    high = parse_size(args.max_bytes if args.max_bytes is not None else sweep[1])
+    factor = args.factor if args.factor is not None else sweep[2]
+    if not 0 < low <= high or factor < 2:
         raise TopoValueError(
             f"sizes require 0 < --min-bytes <= --max-bytes and --factor >= 2, but got "
-            f"{low}, {high} and {args.factor}"
+            f"{low}, {high} and {factor}"
         )
     sizes = []
     size = low
     while size <= high:
         sizes.append(size)
-        size *= args.factor
+        size *= factor
     if args.axis:
         axes = tuple(mesh.normalize_axis(tuple(a.split(","))) for a in args.axis)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -65,8 +66,9 @@ _COLUMNS = (
 )
 
 
-def format_table(rows: Sequence[dict[str, Any]], header: str = "") -> str:
-    """The nccl-tests-style table, one block per collective and axis.
+def format_table(rows: Sequence[dict[str, Any]], header: str = "", footer: str = "") -> str:
+    """The nccl-tests-style table, one block per collective and axis, then a summary per
+    collective and ``footer``.
 
     Example::
 
@@ -99,7 +101,31 @@ def format_table(rows: Sequence[dict[str, Any]], header: str = "") -> str:
     if ratios:
         geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         out.write(f"# topo/raw time ratio  : geometric mean {geo:.3f} over {len(ratios)} rows\n")
+    out.write(summary(rows))
+    if footer:
+        out.write(footer + "\n")
     return out.getvalue()
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per collective: rows, #wrong, the median topo/raw ratio and the best busbw.
+
+    Example::
+
+        print(summary(aggregate(per_rank)), end="")
+    """
+    lines = ["\n# summary (every axis):"]
+    for collective in dict.fromkeys(r["collective"] for r in rows):
+        mine = [r for r in rows if r["collective"] == collective]
+        ratios = sorted(r["ratio"] for r in mine if r.get("ratio") is not None)
+        ratio = f"topo/raw median {statistics.median(ratios):.3f}" if ratios else "no raw rows"
+        best = max(r["busbw"] for r in mine)
+        wrong = sum(r["wrong"] for r in mine)
+        lines.append(
+            f"#   {collective:<15} {len(mine):>3} rows, #wrong {wrong}, {ratio}, busbw up to "
+            f"{best:.3f} GB/s"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
