@@ -307,3 +307,48 @@ def inference_main(port: int) -> list[dict[str, torch.Tensor]]:
     # the inference mesh itself still works beside the bridge
     out.append({"sum": topo.all_reduce(torch.ones(1), "tp")})
     return out
+
+
+def prompt_failures() -> dict[str, Any]:
+    """On DeviceMesh(tp=2): calls that fail on one rank before moving data; each rank reports
+    what it raised and how long it took (the others must not wait out the timeout)."""
+    ctx = topo.current()
+    me = ctx.axis_index("tp")
+    cyclic: dict[str, Any] = {"x": torch.ones(1)}
+    cyclic["self"] = cyclic
+    sparse = torch.eye(2).to_sparse()
+    scenarios: dict[str, Any] = {
+        "tensor dict sparse": lambda: topo.broadcast_tensor_dict(
+            {"s": sparse} if me == 0 else None, "tp"
+        ),
+        "tensor dict cycle": lambda: topo.broadcast_tensor_dict(cyclic if me == 0 else None, "tp"),
+        "send_weights sparse": lambda: (
+            topo.transfer.send_weights([("s", sparse)], "tp") if me == 0
+            else topo.transfer.receive_weights("tp", load=lambda n, t: None)
+        ),
+        "send_tensor_dict bad axis": lambda: (
+            topo.send_tensor_dict({"x": torch.ones(2)}, "tp", dst=1, all_gather_axis="zz")
+            if me == 0 else topo.recv_tensor_dict("tp", src=0)
+        ),
+        "receive_weights load None": lambda: (
+            topo.transfer.send_weights([("w", torch.ones(2))], "tp") if me == 0
+            else topo.transfer.receive_weights("tp", load=None)  # type: ignore[arg-type]
+        ),
+        # index 1 calls send_weights too (src is 0): it must not be left alone
+        "send_weights on a receiver": lambda: topo.transfer.send_weights(
+            [("w", torch.ones(2))], "tp"
+        ),
+        "receive_weights on the sender": lambda: topo.transfer.receive_weights(
+            "tp", load=lambda n, t: None
+        ),
+    }  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, call in scenarios.items():
+        start = time.perf_counter()
+        try:
+            call()
+            out[name] = ("no error", time.perf_counter() - start)
+        except Exception as error:
+            out[name] = (f"{type(error).__name__}: {error}", time.perf_counter() - start)
+        ctx.communicator(("tp",), "cpu").barrier()  # in step for the next one
+    return out

@@ -46,8 +46,8 @@ def _quantized() -> torch.Tensor:
     return torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
 
 
-def _activate(mesh: DeviceMesh, **kwargs: Any) -> None:
-    with mesh.activate(World(rank=0, world_size=mesh.size, master_port=0), **kwargs):
+def _activate(mesh: DeviceMesh, world: World | None = None, **kwargs: Any) -> None:
+    with mesh.activate(world or World(rank=0, world_size=mesh.size, master_port=0), **kwargs):
         pass
 
 
@@ -135,12 +135,18 @@ COLLECTIVES: list[tuple[str, Callable[[], object], type[BaseException], str]] = 
     ("recv shape str", lambda: topo.recv("4", torch.float32, "tp", src=0), TopoType, "sequence of ints"),
     ("recv dtype str", lambda: topo.recv((2,), "float32", "tp", src=0), TopoType, "torch.dtype"),
     ("recv device", lambda: topo.recv((2,), torch.float32, "tp", src=0, device="nope"), TopoValue, "device"),
-    ("unpicklable object", lambda: topo.broadcast_object(lambda: 0, "tp"), TopoType, "picklable"),
+    ("function object", lambda: topo.broadcast_object(lambda: 0, "tp"), TopoType, "allow_pickle=True"),
     (
         "unpicklable gather",
+        lambda: topo.all_gather_object(threading.Lock(), "tp", allow_pickle=True),
+        TopoType,
+        "pickling",
+    ),
+    (
+        "lock gather",
         lambda: topo.all_gather_object(threading.Lock(), "tp"),
         TopoType,
-        "picklable",
+        "plain values",
     ),
     (
         "json gather",
@@ -154,6 +160,41 @@ COLLECTIVES: list[tuple[str, Callable[[], object], type[BaseException], str]] = 
 
 def _fn() -> int:
     return 1
+
+
+def _mq(**kwargs: Any) -> topo.MessageQueue:
+    return topo.MessageQueue("tp", **kwargs)
+
+
+def _enqueue(data: Any, raw: bool) -> None:
+    with topo.MessageQueue("tp") as mq:
+        mq.enqueue_bytes(data) if raw else mq.enqueue(data)
+
+
+#: Escapes found by the security retest of 2026-12-04 (issue 19), each now a TopoError.
+SECURITY_II: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
+    ("parse_mesh None", lambda: parse_mesh(None), TopoType, "a mesh spec requires a str"),  # type: ignore[arg-type]
+    ("parse_mesh ints", lambda: parse_mesh([2, 2]), TopoType, "a mesh spec requires a str"),  # type: ignore[list-item]
+    ("activate store str", lambda: _activate(DeviceMesh(tp=1), store="x"), TopoType, "torch.distributed.Store"),
+    ("activate device -1", lambda: _activate(DeviceMesh(tp=1), device=-1), TopoValue, "index >= 0"),
+    ("activate device garbage", lambda: _activate(DeviceMesh(tp=1), device="gpu:x"), TopoValue, "like 'cuda:0'"),
+    ("mq slots 2**40", lambda: _mq(slots=2**40), TopoValue, "<= 65536"),
+    ("mq slot_bytes 2**62", lambda: _mq(slot_bytes=2**62), TopoValue, "<= 1073741824"),
+    ("mq enqueue lambda", lambda: _enqueue(lambda: 0, raw=False), TopoType, "allow_pickle=True"),
+    ("mq enqueue_bytes str", lambda: _enqueue("text", raw=True), TopoType, "requires bytes"),
+    (
+        "MASTER_ADDR wildcard",
+        lambda: _activate(DeviceMesh(tp=1), World(rank=0, world_size=1, master_addr="0.0.0.0")),
+        TopoValue,
+        "bind='0.0.0.0'",
+    ),
+    (
+        "bridge wildcard",
+        lambda: topo.transfer.bridge("0.0.0.0", 0, 0, 2).__enter__(),
+        TopoValue,
+        "wildcard '0.0.0.0'",
+    ),
+]
 
 
 SPAWN: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
@@ -199,6 +240,27 @@ def test_collectives(
     _check(call, kind, phrase)
 
 
+@_table(SECURITY_II)
+def test_security_retest_escapes(
+    ctx: topo.MeshContext, call: Callable[[], object], kind: type[BaseException], phrase: str
+) -> None:
+    _check(call, kind, phrase)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_recv_on_cuda_without_a_gpu(ctx: topo.MeshContext) -> None:
+    with pytest.raises(topo.BackendUnavailableError, match="requires a CUDA GPU"):
+        topo.recv((2,), torch.float32, "tp", src=0, device="cuda")
+
+
+def test_a_failed_queue_leaves_no_shared_memory(ctx: topo.MeshContext) -> None:
+    before = set(os.listdir("/dev/shm"))
+    for bad in ({"slot_bytes": 2**62}, {"slots": 2**40}):
+        with pytest.raises(topo.TopoError):
+            _mq(**bad)
+    assert set(os.listdir("/dev/shm")) - before == set()
+
+
 @_table(SPAWN)
 def test_spawn(call: Callable[[], object], kind: type[BaseException], phrase: str) -> None:
     _check(call, kind, phrase)
@@ -210,7 +272,8 @@ def test_topo_timeout_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_table_is_large() -> None:
-    assert len(MESH_AND_WORLD) + len(ACTIVATION) + len(COLLECTIVES) + len(SPAWN) >= 40
+    rows = MESH_AND_WORLD + ACTIVATION + COLLECTIVES + SPAWN + SECURITY_II
+    assert len(rows) >= 50
 
 
 def test_spawn_refuses_a_script_read_from_stdin(tmp_path: Path) -> None:
@@ -235,7 +298,7 @@ def test_spawn_refuses_a_script_read_from_stdin(tmp_path: Path) -> None:
 def test_error_classes_pickle_and_are_topo_errors() -> None:
     for name in topo.errors.__all__:
         cls = getattr(topo.errors, name)
-        assert issubclass(cls, topo.TopoError)
+        assert issubclass(cls, topo.TopoError) or issubclass(cls, UserWarning), name
     error = topo.PortInUseError("x")
     assert isinstance(pickle.loads(pickle.dumps(error)), topo.PortInUseError)
 

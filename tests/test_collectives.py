@@ -385,7 +385,10 @@ def test_reactivation_does_not_pile_up_store_keys(dp2_tp2: list[dict[str, Any]])
         # a few keys stay (the join counter, the last close round) but they do not grow
         assert keys[1:] == [keys[1]] * 5, keys
         assert max(keys) <= 8, keys
-        assert len(set(got["ops"])) <= 2, got["ops"]
+        # the same work each time: with spawn's secret, whichever rank arrives last at a
+        # barrier checks every arrival mark (a few more operations), so the count varies a
+        # little with arrival order, but it does not grow
+        assert max(got["ops"]) - min(got["ops"]) <= 8, got["ops"]
         for i in range(6):
             expected_sum = sum(_f32(g) + i for g in mesh.group("tp", rank))
             expected_gather = torch.cat([_f32(g) + i for g in mesh.group("dp", rank)])

@@ -30,6 +30,7 @@ FLOORS: dict[str, int] = {
     "topo.placement": 2,
     "topo.rank_layout": 2,
     "topo.coordinator": 2,
+    "topo.codec": 2,
     "topo.store": 2,
     "topo.communicators": 3,
     "topo.context": 4,

@@ -256,29 +256,37 @@ def test_uneven_collectives_on_the_nccl_communicator(monkeypatch: pytest.MonkeyP
 # --------------------------------------------------------- the socket path's authentication
 
 
-def _handshake(server_secret: bytes, client_secret: bytes, index: int) -> tuple[Any, Any]:
+def _handshake(
+    server_secret: bytes, client_secret: bytes, index: int, wait: float = 1.5
+) -> tuple[Any, Any]:
+    """A writer accepting readers 1 and 2 for ``wait`` seconds, and one reader ``index``."""
     import socket
     import threading
+    import time
 
-    from topo.transport._links import client_handshake, server_handshake
+    from topo.transport._links import accept_readers, client_handshake
 
-    a, b = socket.socketpair()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
     got: dict[str, Any] = {}
 
     def client() -> None:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
         try:
-            got["client"] = client_handshake(b, index, client_secret)
+            got["client"] = client_handshake(conn, index, client_secret)
         except OSError as error:  # the writer hung up on an impostor
             got["client"] = error
         finally:
-            b.close()
+            conn.close()
 
     thread = threading.Thread(target=client)
     thread.start()
-    server = server_handshake(a, server_secret, {1, 2}, timeout=5.0)
-    a.close()
+    proven, _ = accept_readers(server, server_secret, {1, 2}, time.monotonic() + wait)
+    for conn in proven.values():
+        conn.close()
+    server.close()
     thread.join(10)
-    return server, got["client"]
+    return (next(iter(proven)) if proven else None), got["client"]
 
 
 def test_socket_readers_and_writer_authenticate_each_other() -> None:
@@ -292,13 +300,55 @@ def test_socket_readers_and_writer_authenticate_each_other() -> None:
     assert server is None
 
 
-def test_writer_drops_a_peer_that_does_not_speak_the_protocol() -> None:
+def test_writer_drops_peers_that_do_not_speak_the_protocol_without_waiting_for_them() -> None:
+    """Silent connections and a peer speaking HTTP, queued ahead of the real reader: each is
+    dropped on its own deadline while the reader's handshake goes through at once."""
     import socket
+    import threading
+    import time
 
-    from topo.transport._links import server_handshake
+    from topo.transport._links import HANDSHAKE_SECONDS, accept_readers, client_handshake
 
-    a, b = socket.socketpair()
-    b.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 8)
-    assert server_handshake(a, b"s" * 32, {1}, timeout=1.0) is None
-    a.close()
-    b.close()
+    secret = b"s" * 32
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    http = socket.create_connection(("127.0.0.1", port))
+    http.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 8)
+    answered: dict[str, Any] = {}
+
+    def reader() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            answered["ok"] = client_handshake(conn, 1, secret)
+
+    thread = threading.Thread(target=reader)
+    started = time.monotonic()
+    thread.start()
+    proven, missing = accept_readers(server, secret, {1}, time.monotonic() + 30)
+    took = time.monotonic() - started
+    thread.join(10)
+    assert set(proven) == {1} and missing == set() and answered["ok"] is True
+    assert took < HANDSHAKE_SECONDS  # nobody waited for the silent ones
+    for conn in [*silent, http, *proven.values(), server]:
+        conn.close()
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_fails_before_moving_data_tells_its_peers() -> None:
+    """Sparse or self-referencing values, a bad all_gather_axis, a missing load, a wrong role:
+    every rank raises a TopoError at once, nobody waits out the (60 s) timeout."""
+    reports = topo.spawn(fns.prompt_failures, DeviceMesh(tp=2), timeout=200, activation_timeout=60)
+    for rank, report in enumerate(reports):
+        for name, (outcome, seconds) in report.items():
+            assert outcome != "no error", (rank, name)
+            assert outcome.split(":")[0].endswith("Error"), (rank, name, outcome)
+            assert "Timeout" not in outcome.split(":")[0], (rank, name, outcome)
+            assert seconds < 20, (rank, name, outcome, seconds)
+    assert "dense" in reports[0]["tensor dict sparse"][0]
+    assert "contains itself" in reports[0]["tensor dict cycle"][0]
+    assert "could not send its tensor dict" in reports[1]["tensor dict cycle"][0]
+    assert "dense tensors" in reports[1]["send_weights sparse"][0]
+    assert "unknown axis 'zz'" in reports[1]["send_tensor_dict bad axis"][0]
+    assert "callable" in reports[0]["receive_weights load None"][0]
+    assert "index 1 (rank 1) called it" in reports[1]["send_weights on a receiver"][0]
+    assert "must not be called by the sender" in reports[1]["receive_weights on the sender"][0]

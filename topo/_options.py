@@ -94,7 +94,16 @@ def _as_cuda_device(device: torch.device | str | int | None) -> torch.device | N
             f"activate device requires a torch.device, a str like 'cuda:0' or an int, but got "
             f"{type(device).__name__} {device!r}"
         )
-    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if isinstance(device, int) and device < 0:
+        raise TopoValueError(
+            f"activate device requires a CUDA device index >= 0 (or 'cuda:N'), but got {device}"
+        )
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TopoValueError(
+            f"activate device requires a device like 'cuda:0' or an index, but got {device!r}"
+        ) from None
     if dev.type != "cuda":
         raise TopoValueError(
             f"activate device requires a CUDA device (CPU tensors always use gloo), but got "

@@ -44,7 +44,7 @@ from topo.errors import (
     TopoValueError,
 )
 from topo.mesh import Axis, DeviceMesh
-from topo.store import load_secret
+from topo.store import check_store_address, load_secret, warn_without_secret
 from topo.world import World
 
 __all__ = ["MeshContext", "activate"]
@@ -474,9 +474,18 @@ def activate(
     )
     if store is None:
         store = _torch_default_store(world)
-    sealing = load_secret(secret)
+    elif not isinstance(store, dist.Store):
+        raise TopoTypeError(
+            f"activate store requires a torch.distributed.Store (a TCPStore, FileStore, "
+            f"PrefixStore, ...), but got {type(store).__name__}; leave it out to use the "
+            f"world's MASTER_ADDR:MASTER_PORT"
+        )
+    sealing = load_secret(secret, world)
     if bind is not None:
         bind = as_host(bind, "activate bind")
+    check_store_address(world, bind, given_store=store is not None)
+    if sealing is None and store is None and not world.is_single_node:
+        warn_without_secret(world)
     coordinator = Coordinator.join(
         world,
         timeout=wait,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import time
 import warnings
 import zlib
@@ -25,6 +26,7 @@ from typing import Any
 
 import topo._dist as dist
 from topo.errors import (
+    AuthenticationError,
     RendezvousError,
     RendezvousTimeout,
     StoreLostError,
@@ -69,7 +71,10 @@ class Coordinator:
         sealer: Sealer | None = None,
     ) -> None:
         self.store = store
-        self.sealer = sealer or Sealer(None)
+        if sealer is not None:  # the store seals and checks every value
+            store.sealer = sealer
+        #: The job's secret, if any (every value through :attr:`store` is authenticated).
+        self.sealer = store.sealer
         self.hosts_store = False
         self.world = world
         self.prefix = prefix
@@ -119,17 +124,22 @@ class Coordinator:
                     rank=world.rank,
                 )  # fmt: skip
             where = f"{world.master_addr}:{getattr(base, 'port', world.master_port)} ({host})"
-            bounded = BoundedStore(base, timeout, where if store is None else "the given store")
+            bounded = BoundedStore(
+                base, timeout, where if store is None else "the given store", Sealer(secret)
+            )
             try:
                 with _guard(f"rank {world.rank} joining for {label}"):
                     generation = _open_generation(bounded, world, namespace, deadline, label)
-                coordinator = cls(
-                    bounded, world, f"{namespace}/{generation}", timeout, label, Sealer(secret)
-                )
+                coordinator = cls(bounded, world, f"{namespace}/{generation}", timeout, label)
+                bounded.alarm_key = f"{namespace}/{generation}/alarm"
+                bounded.rank = world.rank
                 coordinator._base_store = base  # keeps a hosted TCPStore alive with it
                 coordinator.hosts_store = hosting
                 try:
                     coordinator.barrier("join")
+                except AuthenticationError:
+                    coordinator.linger_after_failure()  # the peers must read the alarm too
+                    raise
                 finally:
                     if world.rank == 0:
                         with contextlib.suppress(Exception):
@@ -222,7 +232,9 @@ class Coordinator:
         scope = f"barrier/{name}/{members_id}"
         base = self.key(scope, self._next_round(scope))
         self.store.set(f"{base}/arrived/{self.rank}", b"1")
-        if self.store.add(f"{base}/count", 1) == len(members):
+        if self.store.sealed:
+            self._sealed_barrier(name, base, members)
+        elif self.store.add(f"{base}/count", 1) >= len(members):
             # Last to arrive — unless the others already gave up on this round (then it must
             # fail with them, not run on alone).
             if self.store.check([f"{base}/failed"]):
@@ -238,6 +250,22 @@ class Coordinator:
             pending += [f"{base}/done", f"{base}/count"]
         self._pending_deletes[members_id] = pending
         return base
+
+    def _sealed_barrier(self, name: str, base: str, members: tuple[int, ...]) -> None:
+        """The barrier with a secret: no counter (anyone who reaches the store can add to one,
+        or corrupt it so that the server drops the connection of the next rank that adds).
+        The first member waits for every member's sealed arrival mark and checks each, then
+        sets a sealed ``done``; the others wait for ``done`` and check its seal."""
+        if self.rank == members[0]:
+            arrivals = [f"{base}/arrived/{r}" for r in members]
+            self._wait(arrivals, f"barrier {name!r}", members, f"{base}/arrived")
+            self.store.multi_get(arrivals)  # each must carry the job's seal
+            if self.store.check([f"{base}/failed"]):
+                self._follow_verdict(f"{base}/failed", f"barrier {name!r}")
+            self.store.set(f"{base}/done", b"1")
+        else:
+            self._wait([f"{base}/done"], f"barrier {name!r}", members, f"{base}/arrived")
+            self.store.get(f"{base}/done")  # set by a member, not forged
 
     def _members(self, ranks: Sequence[int] | None, what: str) -> tuple[int, ...]:
         if ranks is None:
@@ -284,11 +312,13 @@ class Coordinator:
                         f"broadcast data requires bytes on the source rank {src}, but got "
                         f"{type(data).__name__}"
                     )
-                self.store.set(f"{base}/data", self.sealer.seal(f"{base}/data", data))
+                self.store.set(f"{base}/data", data)
                 return data
             self._wait([f"{base}/data"], "broadcast", (src,), None)
-            value = self.sealer.open(f"{base}/data", self.store.get(f"{base}/data"))
-            if self.store.add(f"{base}/read", 1) == len(members) - 1:
+            value = self.store.get(f"{base}/data")
+            # The last reader deletes the data; with a secret there is no counter to tell who
+            # is last (anyone may corrupt one): the source deletes it when the activation ends.
+            if not self.store.sealed and self.store.add(f"{base}/read", 1) == len(members) - 1:
                 self.store.delete_key(f"{base}/data")
                 self.store.delete_key(f"{base}/read")
             return value
@@ -314,12 +344,13 @@ class Coordinator:
             scope = f"gather/{_ranks_id(members, self.world_size)}"
             base = self.key(scope, self._next_round(scope))
             mine = f"{base}/{self.rank}"
-            self.store.set(mine, self.sealer.seal(mine, encoded))
+            self.store.set(mine, encoded)
             keys = [f"{base}/{r}" for r in members]
             self._wait(keys, "all_gather_json", members, base)
             blobs = self.store.multi_get(keys)
-            values = [_from_json(k, self.sealer.open(k, b)) for k, b in zip(keys, blobs, strict=True)]
-            if self.store.add(f"{base}/read", 1) == len(members):
+            values = [_from_json(k, b) for k, b in zip(keys, blobs, strict=True)]
+            # (with a secret: each rank deletes its own value when the activation ends)
+            if not self.store.sealed and self.store.add(f"{base}/read", 1) == len(members):
                 for key in [*keys, f"{base}/read"]:
                     self.store.delete_key(key)
             return values
@@ -349,8 +380,22 @@ class Coordinator:
 
             coord.linger_after_failure()   # on an error path, before the process exits
         """
-        if self.hosts_store and self.store.roll_calls:
+        if not self.hosts_store:
+            return
+        if self.store.forgery is not None or self.store.alarm() is not None:
+            self._linger_for_acknowledgements()
+        elif self.store.roll_calls:
             time.sleep(LINGER_SECONDS)
+
+    def _linger_for_acknowledgements(self) -> None:
+        """After a forged store value: keep the store up until every other rank has read the
+        alarm (each acknowledges it as it ends with the same AuthenticationError), at most the
+        activation's timeout plus :data:`LINGER_SECONDS`."""
+        end = time.monotonic() + self.timeout.total_seconds() + LINGER_SECONDS
+        keys = [f"{self.prefix}/alarm/ack/{r}" for r in range(self.world_size) if r != self.rank]
+        with contextlib.suppress(Exception):
+            while time.monotonic() < end and not self.store.check_within(keys, 2.0):
+                time.sleep(0.1)
 
     def close(self) -> None:
         """Wait for every rank, delete this activation's keys, and leave rank 0 (the store's
@@ -373,6 +418,16 @@ class Coordinator:
         for key in sorted((leftovers | self.store.written) - keep):
             self.store.delete_key(key)
         left, everyone_left = self.key("left"), self.key("everyone-left")
+        if self.store.sealed:  # no counter with a secret: each rank's own mark
+            if self.rank != 0:
+                self.store.set(f"{left}/{self.rank}", b"1")
+                return
+            marks = [f"{left}/{r}" for r in range(1, self.world_size)]
+            if marks:
+                self._wait(marks, "close", range(1, self.world_size), left)
+            for key in (*sorted(keep), *marks):
+                self.store.delete_key(key)
+            return
         if self.rank != 0:
             if self.store.add(left, 1) == self.world_size - 1:
                 self.store.set(everyone_left, "1")
@@ -404,6 +459,9 @@ class Coordinator:
             return
         if self.store.check([verdict_key]):
             self._follow_verdict(verdict_key, what)
+        forged = self.store.alarm()
+        if forged is not None:  # a forged store value, refused by this rank or a peer
+            raise forged
         missing = list(members)
         if arrived is not None:
             with contextlib.suppress(RuntimeError):  # the store itself may be gone
@@ -435,8 +493,16 @@ class Coordinator:
             return
         end = time.monotonic() + LINGER_SECONDS
         with contextlib.suppress(Exception):
-            while time.monotonic() < end and self.store.add(f"{key}/read", 0) < arrived - 1:
+            while time.monotonic() < end and self._readers(key) < arrived - 1:
                 time.sleep(0.05)
+
+    def _readers(self, key: str) -> int:
+        """How many ranks have read the verdict at ``key`` (with a secret: their own marks,
+        not a counter anyone could corrupt)."""
+        if not self.store.sealed:
+            return self.store.add(f"{key}/read", 0)
+        others = [r for r in range(self.world_size) if r != self.rank]
+        return sum(self.store.check_within([f"{key}/read/{r}"], 2.0) for r in others)
 
     def _follow_verdict(self, key: str, what: str) -> None:
         try:
@@ -446,7 +512,10 @@ class Coordinator:
         except (ValueError, KeyError, TypeError):
             missing, by, arrived = [], -1, 0
         with contextlib.suppress(Exception):
-            self.store.add(f"{key}/read", 1)
+            if self.store.sealed:
+                self.store.set_within(f"{key}/read/{self.rank}", b"1", 2.0)
+            else:
+                self.store.add(f"{key}/read", 1)
         self._linger(key, arrived)
         raise RendezvousTimeout(
             f"{self.label}: {what} failed on rank {self.rank}: rank {by} timed out after "
@@ -474,7 +543,10 @@ def _open_generation(
     the other ranks join the open one (never a finished or failed one)."""
     open_key = f"{namespace}/open"
     if world.rank == 0:
-        generation = store.add(f"{namespace}/round", 1)
+        # with a secret no counter anyone could corrupt: a random generation
+        generation = (
+            secrets.randbits(48) if store.sealed else store.add(f"{namespace}/round", 1)
+        )
         store.set(open_key, str(generation).encode())
         return generation
     while True:
@@ -494,6 +566,8 @@ def _open_generation(
             continue
         try:
             generation = int(store.get(open_key))
+        except AuthenticationError:
+            raise  # rank 0 has another secret (or none), or an intruder wrote it
         except (RuntimeError, ValueError):
             continue  # rank 0 closed it between our wait and get
         join = f"{namespace}/{generation}/barrier/join/all/0"

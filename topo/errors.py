@@ -21,6 +21,7 @@ __all__ = [
     "CollectiveMismatchError",
     "CommunicationError",
     "CommunicationTimeout",
+    "InsecureStoreWarning",
     "NoActiveMeshError",
     "NotDifferentiableError",
     "PortInUseError",
@@ -147,6 +148,17 @@ class AuthenticationError(RendezvousError):
                 ...
         except topo.AuthenticationError as error:
             print(error)
+    """
+
+
+class InsecureStoreWarning(UserWarning):
+    """A multi-host job activated without a shared secret (``TOPO_SECRET``): anyone who
+    reaches its store can disrupt it or redirect its connections.
+
+    Example::
+
+        import warnings
+        warnings.simplefilter("error", topo.InsecureStoreWarning)   # refuse to run without one
     """
 
 

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import pickle
+import secrets
 import signal
 import sys
 import threading
@@ -74,7 +75,10 @@ def spawn(
     before it imports your script (and torch), as a launcher's would be. As torchrun does,
     each rank gets ``OMP_NUM_THREADS`` = max(1, cores // ranks) unless ``env`` or this
     process's environment sets it: ranks that each use every core's threads run several times
-    slower.
+    slower. Every value in the ranks' store is authenticated with a fresh random secret that
+    spawn hands to each rank over its private pipe (``TOPO_SECRET``, if set, is used
+    instead); an activation a rank makes on another store — a bridge to a process outside
+    the spawn — takes ``TOPO_SECRET`` or ``secret=`` as usual.
 
     Example::
 
@@ -130,6 +134,11 @@ class _Launch:
         self.activation_timeout = activation_timeout or timeout
         self.share_gpu = share_gpu
         self.env = dict(env or {})
+        # A fresh secret per spawn, handed to the ranks over their private pipe (never a
+        # command line): every store value of the job is then authenticated. A TOPO_SECRET the
+        # caller set (in env or here) is used instead.
+        given = "TOPO_SECRET" in self.env or "TOPO_SECRET" in os.environ
+        self.secret = None if given else secrets.token_hex(16)
         self.procs: list[Any] = []
         self.conns: list[mpc.Connection] = []
         self.lifelines: list[mpc.Connection] = []
@@ -161,6 +170,7 @@ class _Launch:
                     self.activation_timeout,
                     self.share_gpu,
                     self._child_env(rank),
+                    self.secret,
                 )
                 proc = context.Process(
                     target=_child_main,
@@ -361,6 +371,7 @@ class _ChildSpec:
         activation_timeout: float,
         share_gpu: bool,
         env: dict[str, str],
+        secret: str | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -369,6 +380,7 @@ class _ChildSpec:
         self.activation_timeout = activation_timeout
         self.share_gpu = share_gpu
         self.env = env
+        self.secret = secret
 
 
 def _die_with_parent(lifeline: mpc.Connection) -> None:
@@ -400,7 +412,7 @@ def _child_main(spec: _ChildSpec, conn: mpc.Connection, lifeline: mpc.Connection
 
 
 def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
-    from topo.store import host_store, listen_socket
+    from topo.store import SPAWN_SECRET_VARIABLE, host_store, listen_socket
     from topo.world import World
 
     wait = timedelta(seconds=spec.activation_timeout)
@@ -417,6 +429,10 @@ def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
                 f"{spec.activation_timeout:g} s (rank 0 did not start its store)"
             )
         port = conn.recv()[1]
+    if spec.secret is not None:
+        # Every activation on this spawn's store (nested ones too) uses the secret; one on
+        # another store (a bridge to a process outside the spawn) does not.
+        os.environ[SPAWN_SECRET_VARIABLE] = f"{port}:{spec.secret}"
     os.environ.update(
         {
             "RANK": str(spec.rank),

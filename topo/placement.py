@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import attrs
 
 from topo._checks import as_int
-from topo.errors import TopoValueError
+from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import DeviceMesh
 
 __all__ = ["Placement", "parse_mesh"]
@@ -108,7 +108,16 @@ def parse_mesh(spec: str | Iterable[str]) -> DeviceMesh:
         >>> parse_mesh("dp=2,tp=4")
         DeviceMesh(dp=2, tp=4)
     """
-    words = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
+    words = None
+    if isinstance(spec, str):
+        words = spec.replace(",", " ").split()
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, bytearray)):
+        words = list(spec)
+    if words is None or not all(isinstance(w, str) for w in words):
+        raise TopoTypeError(
+            f"a mesh spec requires a str like 'dp=2,tp=4' or a list of words like "
+            f"['dp=2', 'tp=4'], but got {type(spec).__name__} {spec!r}"
+        )
     words = [w for word in words for w in word.split(",") if w]
     if not words:
         raise TopoValueError(

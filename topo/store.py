@@ -22,14 +22,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
+import json
 import os
 import queue
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
@@ -38,20 +41,25 @@ from typing import Any, TypeVar
 import topo._dist as dist
 from topo.errors import (
     AuthenticationError,
+    InsecureStoreWarning,
     PortInUseError,
     RendezvousTimeout,
     StoreLostError,
     TopoTypeError,
     TopoValueError,
 )
+from topo.world import World
 
 __all__ = [
+    "WILDCARDS",
     "BoundedStore",
     "Sealer",
+    "check_store_address",
     "connect_store",
     "host_store",
     "listen_socket",
     "load_secret",
+    "warn_without_secret",
 ]
 
 T = TypeVar("T")
@@ -262,7 +270,13 @@ class BoundedStore(dist.Store):
         store.ops  # 1
     """
 
-    def __init__(self, inner: dist.Store, timeout: timedelta, where: str = "the store") -> None:
+    def __init__(
+        self,
+        inner: dist.Store,
+        timeout: timedelta,
+        where: str = "the store",
+        sealer: Sealer | None = None,
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.limit = timeout
@@ -271,8 +285,96 @@ class BoundedStore(dist.Store):
         self.written: set[str] = set()
         #: roll calls held after failed collectives (the store's host then lingers).
         self.roll_calls = 0
+        #: Seals every value written and checks every value read (gloo's address records
+        #: and the NCCL id included) when the job has a secret; passes values through if not.
+        self.sealer = sealer or Sealer(None)
+        #: Where a rank that refused a forged value says so, for its peers (set by the
+        #: coordinator once the activation's prefix is known).
+        self.alarm_key: str | None = None
+        #: The first forged value this rank refused, if any.
+        self.forgery: AuthenticationError | None = None
         self._worker = _Worker()
         self._native_multi_get = hasattr(inner, "multi_get")
+
+    @property
+    def sealed(self) -> bool:
+        """Whether values are authenticated (the job has a secret).
+
+        Example::
+
+            if store.sealed: ...
+        """
+        return self.sealer.secret is not None
+
+    def _seal(self, key: str, value: Any) -> Any:
+        if self.sealer.secret is None:
+            return value
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return self.sealer.seal(key, data)
+
+    def _open(self, key: str, blob: bytes) -> bytes:
+        if self.sealer.secret is None:
+            return blob
+        try:
+            return self.sealer.open(key, blob)
+        except AuthenticationError as error:
+            self._raise_alarm(key, error)
+            raise
+
+    def _raise_alarm(self, key: str, error: AuthenticationError) -> None:
+        """Remember the forgery and tell the peers (best effort, sealed), so that their waits
+        end with the same :class:`~topo.errors.AuthenticationError`."""
+        if self.forgery is None:
+            self.forgery = error
+        alarm = self.alarm_key
+        if alarm is None or key.startswith(alarm):
+            return
+        sealed = self.sealer.seal(alarm, json.dumps({"key": key}).encode())
+        with contextlib.suppress(Exception):
+            self._call("set", lambda: self.inner.set(alarm, sealed), timedelta(seconds=2.0))  # type: ignore[arg-type]
+        self._acknowledge()
+
+    #: This rank's number in the world, for its acknowledgement of an alarm (set with
+    #: ``alarm_key``).
+    rank: int | None = None
+
+    def _acknowledge(self) -> None:
+        """Tell the store's host that this rank has read the alarm (it may then go)."""
+        if self.alarm_key is None or self.rank is None:
+            return
+        with contextlib.suppress(Exception):
+            self.set_within(f"{self.alarm_key}/ack/{self.rank}", b"1", 2.0)
+
+    def alarm(self) -> AuthenticationError | None:
+        """The forgery this rank or a peer refused in this activation, if any (a quick,
+        bounded look at the alarm key).
+
+        Example::
+
+            if (forged := store.alarm()) is not None:
+                raise forged
+        """
+        if self.forgery is not None:
+            return self.forgery
+        key = self.alarm_key
+        if key is None or not self.sealed:
+            return None
+        try:
+            if not self.check_within([key], 2.0):
+                return None
+            found = json.loads(self.sealer.open(key, self.get_within_raw(key, 2.0)))["key"]
+        except AuthenticationError as error:
+            self._acknowledge()
+            return error
+        except Exception:
+            return None
+        self._acknowledge()
+        return AuthenticationError(
+            f"a peer refused the value at store key {found!r}: it requires a valid HMAC tag "
+            f"under the job's secret, but another process rewrote it (someone without the secret "
+            f"writes to this job's store at {self.where}); every rank stops — keep MASTER_ADDR "
+            f"on a private network"
+        )
 
     def _call(self, name: str, fn: Callable[[], T], wait: timedelta | None = None) -> T:
         self.ops += 1
@@ -295,7 +397,8 @@ class BoundedStore(dist.Store):
             store.set_within("k", b"1", 2.0)
         """
         self.written.add(key)
-        self._call("set", lambda: self.inner.set(key, value), timedelta(seconds=seconds))
+        sealed = self._seal(key, value)
+        self._call("set", lambda: self.inner.set(key, sealed), timedelta(seconds=seconds))
 
     def check_within(self, keys: list[str], seconds: float) -> bool:
         """``check`` bounded by ``seconds`` plus the margin (see :meth:`set_within`).
@@ -316,22 +419,33 @@ class BoundedStore(dist.Store):
 
             store.get_within("k", 2.0)
         """
+        return self._open(key, self.get_within_raw(key, seconds))
+
+    def get_within_raw(self, key: str, seconds: float) -> bytes:
+        """:meth:`get_within` without checking the seal (for the alarm key itself)."""
         value: bytes = self._call("get", lambda: self.inner.get(key), timedelta(seconds=seconds))
         return value
 
     def set(self, key: str, value: Any) -> None:
         self.written.add(key)
-        self._call("set", lambda: self.inner.set(key, value))
+        sealed = self._seal(key, value)
+        self._call("set", lambda: self.inner.set(key, sealed))
 
     def get(self, key: str) -> bytes:
         value: bytes = self._call("get", lambda: self.inner.get(key))
-        return value
+        return self._open(key, value)
 
     def add(self, key: str, value: int) -> int:
         count: int = self._call("add", lambda: self.inner.add(key, value))
         return count
 
     def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        if self.sealed:
+            raise AuthenticationError(
+                f"compare_set on store key {key!r} requires an unsealed store, but this job's "
+                f"store authenticates every value (TOPO_SECRET is set): a sealed value cannot be "
+                f"compared by the server; use set/get"
+            )
         self.written.add(key)
         value: bytes = self._call(
             "compare_set", lambda: self.inner.compare_set(key, expected, desired)
@@ -365,15 +479,63 @@ class BoundedStore(dist.Store):
         if not self._native_multi_get:
             return [self.get(k) for k in keys]
         values: list[bytes] = self._call("multi_get", lambda: self.inner.multi_get(keys))
-        return values
+        return [self._open(k, v) for k, v in zip(keys, values, strict=True)]
 
 
 # Kept importable under its old name: it is the same wrapper.
 CountingStore = BoundedStore
 
 
-def load_secret(secret: object) -> bytes | None:
-    """The job's shared secret: ``secret`` (bytes or str), else ``TOPO_SECRET``, else None.
+#: Addresses that mean "every interface" to a listening socket.
+WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", "*"})
+
+
+def check_store_address(world: World, bind: str | None, given_store: bool = False) -> None:
+    """Refuse a wildcard ``MASTER_ADDR`` (``0.0.0.0``, ``::``) unless ``bind`` asks for it:
+    rank 0's store would listen on every interface, reachable by anyone on any network.
+
+    Example::
+
+        check_store_address(World.from_env(), bind=None)
+    """
+    if given_store or bind is not None or world.master_addr not in WILDCARDS:
+        return
+    raise TopoValueError(
+        f"MASTER_ADDR requires rank 0's address (the other ranks connect to it, and rank 0's "
+        f"store listens only there), but got the wildcard {world.master_addr!r}, which would "
+        f"make the store listen on every interface; set MASTER_ADDR to rank 0's address on the "
+        f"cluster's private network, or pass bind={world.master_addr!r} to listen everywhere "
+        f"on purpose (only on a trusted network)"
+    )
+
+
+def warn_without_secret(world: World) -> None:
+    """Warn (once per call site) that a multi-host job without ``TOPO_SECRET`` can be disrupted
+    or redirected by anyone who reaches its store.
+
+    Example::
+
+        warn_without_secret(World.from_env())
+    """
+    warnings.warn(
+        f"activating a multi-host job (world of {world.world_size}, {world.local_world_size} per "
+        f"node) without a shared secret: anyone who reaches {world.master_addr}:"
+        f"{world.master_port} can disrupt the job or redirect its connections; export the same "
+        f"TOPO_SECRET (e.g. python -c 'import secrets; print(secrets.token_hex(16))') on every "
+        f"rank — see docs/security.md",
+        InsecureStoreWarning,
+        stacklevel=4,
+    )
+
+
+#: Where ``topo.spawn`` puts the secret it made for its ranks' store: ``"PORT:SECRET"``.
+SPAWN_SECRET_VARIABLE = "TOPO_SPAWN_SECRET"
+
+
+def load_secret(secret: object, world: World | None = None) -> bytes | None:
+    """The job's shared secret: ``secret`` (bytes or str), else ``TOPO_SECRET``, else — for
+    an activation on the store of the ``topo.spawn`` this process is a rank of — the secret
+    spawn made for it, else None.
 
     Example::
 
@@ -381,7 +543,13 @@ def load_secret(secret: object) -> bytes | None:
     """
     if secret is None:
         env = os.environ.get("TOPO_SECRET")
-        return env.encode() if env else None
+        if env:
+            return env.encode()
+        spawned = os.environ.get(SPAWN_SECRET_VARIABLE, "")
+        port, _, token = spawned.partition(":")
+        if world is not None and token and port == str(world.master_port):
+            return token.encode()
+        return None
     if isinstance(secret, str):
         secret = secret.encode()
     if not isinstance(secret, bytes):

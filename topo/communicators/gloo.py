@@ -21,7 +21,7 @@ from topo.communicators.buffers import BufferPool
 from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
 from topo.communicators.handoff import HandedTensors, use_count
 from topo.communicators.rollcall import RollCall
-from topo.errors import CommunicationError, CommunicationTimeout
+from topo.errors import CommunicationError, CommunicationTimeout, TopoError
 
 __all__ = ["GLOO_REDUCE_DTYPES", "GlooCommunicator"]
 
@@ -75,7 +75,8 @@ class GlooCommunicator:
         try:
             # typed Any: torch's stubs do not declare the Backend collective methods
             self._pg: Any = dist.ProcessGroupGloo(store, index, len(ranks), options)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError, MemoryError, OverflowError) as error:
+            # ValueError/MemoryError: garbage in a peer's address record (gloo parses it)
             raise self._error("creating the gloo communicator", error, roll_call=False) from None
         self._reduce_options: dict[str, dist.AllreduceOptions] = {}
         for name, op in TORCH_REDUCE_OPS.items():
@@ -103,9 +104,12 @@ class GlooCommunicator:
 
     def _error(
         self, operation: str, error: BaseException, roll_call: bool = True
-    ) -> CommunicationError:
+    ) -> TopoError:
         """topo's error for a failed gloo call; after a failed collective the survivors hold a
         roll call first, so the message names the ranks that are gone."""
+        forged = self.roll_call.store.alarm() if self.roll_call is not None else None
+        if forged is not None:  # a forged store value (refused here or by a peer) is the cause
+            return forged
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         absent = self.roll_call.report() if roll_call and self.roll_call is not None else ""
         if "timed out" in text.lower() or "timeout" in text.lower():

@@ -58,12 +58,16 @@ def bridge(
     timeout: float | timedelta | None = None,
     name: str = "bridge",
     device: torch.device | str | int | None = None,
+    secret: bytes | str | None = None,
+    bind: str | None = None,
 ) -> Iterator[MeshContext]:
     """Join the stateless group of ``world_size`` processes at ``address:port`` as ``rank``;
     yields the active context of ``DeviceMesh(bridge=world_size)``. Rank 0 hosts the store.
     ``device`` is the CUDA device for NCCL transfers; by default this process's current CUDA
     device (``torch.cuda.current_device()``, as the seed engine), never one derived from the
-    bridge rank.
+    bridge rank. ``secret`` (default ``TOPO_SECRET``) authenticates every value in the bridge's
+    store, as for :func:`topo.activate`; both sides need the same one. ``address`` must be the
+    bridge host's address: a wildcard (``0.0.0.0``) is refused unless ``bind`` names it.
 
     Example::
 
@@ -90,5 +94,7 @@ def bridge(
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     mesh = DeviceMesh(bridge=size)
-    with activate(mesh, world, timeout=timeout, name=name, device=device) as ctx:
+    with activate(
+        mesh, world, timeout=timeout, name=name, device=device, secret=secret, bind=bind
+    ) as ctx:
         yield ctx

@@ -16,6 +16,7 @@ view is not valid after ``load`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -148,10 +149,17 @@ def send_weights(
     """
     ctx, comm, root = _resolve(axis, src, "send_weights")
     if comm.index != root:
-        raise TopoValueError(
+        wrong = (
             f"topo.transfer.send_weights must be called by index src={root} of axis {axis!r}, "
-            f"but this rank is index {comm.index}; the others call receive_weights"
+            f"but index {comm.index} (rank {comm.ranks[comm.index]}) called it; the others call "
+            f"receive_weights"
         )
+        # Take part as a receiver would, so the others learn of it at once instead of waiting.
+        meta = _wire.loads(_wire.broadcast_bytes(comm, None, root), "send_weights")
+        if isinstance(meta, dict) and "error" not in meta:
+            with contextlib.suppress(CollectiveMismatchError):
+                _verdicts(comm, wrong, "send_weights")
+        raise TopoValueError(wrong)
     try:
         pairs, meta = _describe(named_tensors, bucket_bytes, packed, num_buffers)
     except TopoError as error:
@@ -198,6 +206,13 @@ def _describe(
             raise TopoTypeError(
                 f"topo.transfer.send_weights requires a tensor for {name!r}, but got "
                 f"{type(t).__name__}"
+            )
+        if t.layout is not torch.strided or t.is_nested or t.is_quantized:
+            raise TopoTypeError(
+                f"topo.transfer.send_weights requires dense tensors, but {name!r} is a "
+                f"{t.layout} {'nested ' if t.is_nested else ''}"
+                f"{'quantized ' if t.is_quantized else ''}tensor; send t.to_dense() (or its "
+                f"parts)"
             )
         if name in seen:
             raise TopoValueError(
@@ -316,15 +331,12 @@ def receive_weights(
     """
     ctx, comm, root = _resolve(axis, src, "receive_weights")
     if comm.index == root:
-        raise TopoValueError(
+        wrong = (
             f"topo.transfer.receive_weights must not be called by the sender (index {root} of "
             f"axis {axis!r}); it calls send_weights"
         )
-    if not callable(load):
-        raise TopoTypeError(
-            f"topo.transfer.receive_weights load requires a callable load(name, tensor), but "
-            f"got {type(load).__name__}"
-        )
+        _wire.broadcast_bytes(comm, _wire.dumps({"error": wrong}), root)  # the others stop too
+        raise TopoValueError(wrong)
     meta = _wire.loads(_wire.broadcast_bytes(comm, None, root), "receive_weights")
     if not isinstance(meta, dict) or "error" in meta:
         reason = meta.get("error") if isinstance(meta, dict) else meta
@@ -333,10 +345,15 @@ def receive_weights(
             f"transfer: {reason}"
         )
     try:
+        if not callable(load):
+            raise TopoTypeError(
+                f"topo.transfer.receive_weights load requires a callable load(name, tensor), "
+                f"but got {type(load).__name__}"
+            )
         dtypes = [_wire.dtype_from_name(d, "topo.transfer.receive_weights") for d in meta["dtypes"]]
         verdict = _check(meta, dtypes, expect, bucket_bytes, packed)
     except TopoError as error:
-        verdict = str(error)
+        verdict = str(error)  # every rank raises it, before any weight moves
     _verdicts(comm, verdict, "receive_weights")
     start = time.perf_counter()
     names, shapes = meta["names"], meta["shapes"]

@@ -3,8 +3,7 @@ socket between writer and reader (a mutual HMAC challenge over a per-queue secre
 
 Example::
 
-    if server_handshake(conn, secret, {1, 2}, timeout=5.0) is None:
-        conn.close()   # not one of the job's readers: nothing else is read from it
+    conns, missing = accept_readers(server, secret, {1, 2}, time.monotonic() + 30)
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ import hmac
 import mmap
 import os
 import secrets
+import select
 import socket
+import time
 
-__all__ = ["client_handshake", "server_handshake"]
+__all__ = ["HANDSHAKE_SECONDS", "accept_readers", "client_handshake"]
 
 _MAGIC = b"TMQ1"
 
@@ -71,31 +72,108 @@ def attach(name: str) -> Attached | None:
         return None
 
 
-def server_handshake(
-    conn: socket.socket, secret: bytes, waiting: set[int], timeout: float
-) -> int | None:
-    """The writer's side of the mutual HMAC challenge: the reader index the peer proved it is
-    (one of ``waiting``), or None (then nothing else is read from it).
+#: Seconds a connecting peer has to complete the handshake before it is dropped unheard.
+HANDSHAKE_SECONDS = 5.0
+
+
+def accept_readers(
+    server: socket.socket, secret: bytes, waiting: set[int], deadline: float
+) -> tuple[dict[int, socket.socket], set[int]]:
+    """The writer's side of the mutual HMAC challenge, for every reader at once: accept
+    connections until each index in ``waiting`` has proved itself or ``deadline`` (monotonic)
+    passes. Handshakes run side by side (``select``), each bounded by
+    :data:`HANDSHAKE_SECONDS`: a silent or wrong peer is dropped unheard and never blocks a
+    reader behind it. Returns the proven connections by reader index, and the indices that
+    never proved themselves.
 
     Example::
 
-        index = server_handshake(conn, secret, {1, 2, 3}, timeout=5.0)
+        conns, missing = accept_readers(server, secret, {1, 2, 3}, time.monotonic() + 30)
     """
+    waiting = set(waiting)
+    proven: dict[int, socket.socket] = {}
+    pending: dict[socket.socket, _Handshake] = {}
+    server.setblocking(False)
     try:
-        conn.settimeout(timeout)
-        hello = recv_exact(conn, len(_MAGIC) + 4 + 16)
-        if hello[:4] != _MAGIC:
+        while waiting:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            for conn in [c for c, h in pending.items() if h.deadline <= now]:
+                _drop(pending, conn)  # silent too long: unheard
+            wake = min([deadline, *(h.deadline for h in pending.values())])
+            readable, _, _ = select.select([server, *pending], [], [], max(wake - now, 0.0))
+            for conn in readable:
+                if conn is server:
+                    with contextlib.suppress(BlockingIOError, InterruptedError):
+                        peer, _ = server.accept()
+                        peer.setblocking(False)
+                        pending[peer] = _Handshake(now + HANDSHAKE_SECONDS)
+                    continue
+                index = pending[conn].step(conn, secret, waiting)
+                if index is None:
+                    continue
+                if index < 0:
+                    _drop(pending, conn)
+                    continue
+                del pending[conn]
+                conn.setblocking(True)
+                proven[index] = conn
+                waiting.discard(index)
+    finally:
+        for conn in list(pending):
+            _drop(pending, conn)
+    return proven, waiting
+
+
+def _drop(pending: dict[socket.socket, _Handshake], conn: socket.socket) -> None:
+    pending.pop(conn, None)
+    with contextlib.suppress(OSError):
+        conn.close()
+
+
+class _Handshake:
+    """One connecting peer's progress through the challenge (non-blocking reads)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.data = bytearray()
+        self.index: int | None = None
+        self.nonces: tuple[bytes, bytes] | None = None
+
+    def step(self, conn: socket.socket, secret: bytes, waiting: set[int]) -> int | None:
+        """Read what arrived; the proven index, -1 to drop the peer, or None for not yet."""
+        try:
+            chunk = conn.recv(64)
+        except (BlockingIOError, InterruptedError):
             return None
-        index = int.from_bytes(hello[4:8], "little")
-        nonce_r, nonce_w = hello[8:], secrets.token_bytes(16)
-        conn.sendall(nonce_w + _mac(secret, b"w", nonce_r, nonce_w))
-        proof = recv_exact(conn, 32)
-    except OSError:
-        return None
-    expected = _mac(secret, b"r", nonce_w, nonce_r, index.to_bytes(4, "little"))
-    if index not in waiting or not hmac.compare_digest(proof, expected):
-        return None
-    return index
+        except OSError:
+            return -1
+        if not chunk:
+            return -1
+        self.data += chunk
+        hello = len(_MAGIC) + 4 + 16
+        if self.nonces is None:
+            if len(self.data) < hello:
+                return None
+            if self.data[:4] != _MAGIC:
+                return -1
+            self.index = int.from_bytes(self.data[4:8], "little")
+            nonce_r, nonce_w = bytes(self.data[8:hello]), secrets.token_bytes(16)
+            del self.data[:hello]
+            self.nonces = (nonce_r, nonce_w)
+            try:
+                conn.sendall(nonce_w + _mac(secret, b"w", nonce_r, nonce_w))
+            except OSError:
+                return -1
+        if len(self.data) < 32:
+            return None
+        nonce_r, nonce_w = self.nonces
+        assert self.index is not None
+        expected = _mac(secret, b"r", nonce_w, nonce_r, self.index.to_bytes(4, "little"))
+        if self.index not in waiting or not hmac.compare_digest(bytes(self.data[:32]), expected):
+            return -1
+        return self.index
 
 
 def client_handshake(conn: socket.socket, index: int, secret: bytes) -> bool:

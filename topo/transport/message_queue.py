@@ -20,7 +20,7 @@ over the job's own CPU communicator before any message is read. :meth:`enqueue` 
 from __future__ import annotations
 
 import contextlib
-import pickle
+import os
 import secrets
 import select
 import socket
@@ -32,20 +32,21 @@ from typing import Any, Literal
 
 import torch
 
-from topo._checks import as_int, as_seconds
+from topo._checks import as_bool, as_int, as_seconds
 from topo.active import find_context
+from topo.codec import decode, encode
 from topo.collectives._common import check_index
-from topo.errors import CommunicationError, CommunicationTimeout, TopoValueError
+from topo.errors import CommunicationError, CommunicationTimeout, TopoTypeError, TopoValueError
 from topo.mesh import Axis
 from topo.transport import _wire
 from topo.transport._links import (
     Attached,
+    accept_readers,
     attach,
     client_handshake,
     local_address,
     node_id,
     recv_exact,
-    server_handshake,
 )
 
 __all__ = ["MessageQueue"]
@@ -56,6 +57,10 @@ _READER_BYTES = 16  # per reader: last sequence number read, "asleep on its wake
 _Q = struct.Struct("<q")
 _FRAME = struct.Struct("<q")
 
+
+#: Bounds on the ring: a queue is for small control messages (a longer one spans slots).
+MAX_SLOTS = 1 << 16
+MAX_SLOT_BYTES = 1 << 30
 
 _FENCE = threading.Lock()
 
@@ -119,12 +124,18 @@ class MessageQueue:
         slot_bytes: int = 1 << 16,
         timeout: float | None = None,
         transport: Literal["auto", "socket"] = "auto",
+        allow_pickle: bool = False,
     ) -> None:
         ctx, names, n = find_context(axis, "MessageQueue")
+        #: Whether enqueue pickles what the safe encoding cannot carry and dequeue unpickles
+        #: (every rank must agree; only on a network you trust).
+        self.allow_pickle = as_bool(allow_pickle, "topo.MessageQueue allow_pickle")
         self.axis = axis
         self.writer = check_index(writer, n, "MessageQueue", "writer", axis)
-        self.slots = as_int(slots, "topo.MessageQueue slots", minimum=1)
-        self.slot_bytes = as_int(slot_bytes, "topo.MessageQueue slot_bytes", minimum=1)
+        self.slots = as_int(slots, "topo.MessageQueue slots", minimum=1, maximum=MAX_SLOTS)
+        self.slot_bytes = as_int(
+            slot_bytes, "topo.MessageQueue slot_bytes", minimum=1, maximum=MAX_SLOT_BYTES
+        )
         self.timeout = (
             ctx.timeout.total_seconds()
             if timeout is None
@@ -163,24 +174,29 @@ class MessageQueue:
     def _setup(self, comm: Any, master_addr: str, local: bool, transport: str) -> None:
         secret = secrets.token_bytes(32)
         info: dict[str, Any] = {}
+        problem: BaseException | None = None
         if self.is_writer:
-            size = _READER_BYTES * self._n + self.slots * (_SLOT_HEADER + self.slot_bytes)
-            segment = shared_memory.SharedMemory(
-                name=f"topo_mq_{secrets.token_hex(8)}", create=True, size=size
-            )
-            self._shm = segment
-            _buffer(segment)[:size] = bytes(size)
-            host = local_address(master_addr, local)
-            self._server = socket.create_server((host, 0), backlog=self._n)
-            info = {
-                "shm": segment.name, "node": node_id(), "host": host,
-                "port": self._server.getsockname()[1], "secret": secret.hex(),
-                "transport": transport,
-            }  # fmt: skip
+            try:
+                info = self._open_writer(secret, master_addr, local, transport)
+            except (OSError, ValueError, OverflowError, TopoValueError) as error:
+                problem = error  # told to the readers first: they must not wait for it
+                info = {"error": f"{type(error).__name__}: {error}"}
         info = _wire.loads(
             _wire.broadcast_bytes(comm, _wire.dumps(info) if self.is_writer else None, self.writer),
             "topo.MessageQueue",
         )
+        if problem is not None:
+            if isinstance(problem, TopoValueError):
+                raise problem
+            raise CommunicationError(
+                f"topo.MessageQueue on axis {self.axis!r}: the writer could not set up the "
+                f"queue ({info['error']})"
+            ) from None
+        if "error" in info:
+            raise CommunicationError(
+                f"topo.MessageQueue on axis {self.axis!r}: the writer (index {self.writer}, rank "
+                f"{self.ranks[self.writer]}) could not set up the queue ({info['error']})"
+            )
         secret = bytes.fromhex(info["secret"])
         choice = _WRITER
         if not self.is_writer:
@@ -204,33 +220,52 @@ class MessageQueue:
         else:  # socket readers get their messages over it, shm readers their wake-ups
             self._connect(info["host"], int(info["port"]), secret)
 
+    def _open_writer(
+        self, secret: bytes, master_addr: str, local: bool, transport: str
+    ) -> dict[str, Any]:
+        """The writer's shared-memory ring and listening socket; what the readers need."""
+        size = _READER_BYTES * self._n + self.slots * (_SLOT_HEADER + self.slot_bytes)
+        free = _shm_free()
+        if free is not None and size > free:
+            raise TopoValueError(
+                f"topo.MessageQueue requires {size} bytes of shared memory for {self.slots} slots "
+                f"of {self.slot_bytes} bytes, but /dev/shm has {free} free; lower slots or "
+                f"slot_bytes (a longer message spans several slots)"
+            )
+        name = f"topo_mq_{secrets.token_hex(8)}"
+        try:
+            segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except BaseException:
+            _unlink(name)  # a failed create can leave the name behind
+            raise
+        self._shm = segment
+        _buffer(segment)[:size] = bytes(size)
+        host = local_address(master_addr, local)
+        self._server = socket.create_server((host, 0), backlog=max(self._n, 16))
+        return {
+            "shm": segment.name, "node": node_id(), "host": host,
+            "port": self._server.getsockname()[1], "secret": secret.hex(),
+            "transport": transport,
+        }  # fmt: skip
+
     def _accept(self, secret: bytes) -> None:
         assert self._server is not None
         server, self._server = self._server, None
         with server:
             waiting = set(self.socket_readers) | set(self.shm_readers)
-            deadline = time.monotonic() + self.timeout
-            while waiting:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CommunicationTimeout(self._never_connected(sorted(waiting)))
-                server.settimeout(left)
-                try:
-                    conn, _ = server.accept()
-                except TimeoutError:
-                    raise CommunicationTimeout(self._never_connected(sorted(waiting))) from None
-                index = server_handshake(conn, secret, waiting, min(left, 5.0))
-                if index is None:
-                    conn.close()  # not one of the job's readers: dropped unheard
-                    continue
-                conn.settimeout(self.timeout)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if index in self.shm_readers:
-                    conn.setblocking(False)  # wake-ups never block the writer
-                    self._wakeups[index] = conn
-                else:
-                    self._sockets[index] = conn
-                waiting.discard(index)
+            conns, missing = accept_readers(
+                server, secret, waiting, time.monotonic() + self.timeout
+            )
+        for index, conn in conns.items():
+            conn.settimeout(self.timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if index in self.shm_readers:
+                conn.setblocking(False)  # wake-ups never block the writer
+                self._wakeups[index] = conn
+            else:
+                self._sockets[index] = conn
+        if missing:
+            raise CommunicationTimeout(self._never_connected(sorted(missing)))
 
     def _never_connected(self, missing: list[int]) -> str:
         who = ", ".join(f"index {i} (rank {self.ranks[i]})" for i in missing)
@@ -261,6 +296,14 @@ class MessageQueue:
                     f"could not prove it is the queue's writer; nothing was read from it"
                 )
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as error:
+            conn.close()
+            raise CommunicationError(
+                f"topo.MessageQueue reader index {self.index}: the handshake with the writer "
+                f"(index {self.writer}, rank {self.ranks[self.writer]}) at {host}:{port} failed "
+                f"({type(error).__name__}: {error}); the writer may have given up (look at its "
+                f"error) or something else answered on its port"
+            ) from None
         except BaseException:
             conn.close()
             raise
@@ -269,32 +312,40 @@ class MessageQueue:
     # ---------------------------------------------------------------------- messages
 
     def enqueue(self, obj: Any) -> None:
-        """Writer only: send picklable ``obj`` to every reader (they unpickle it).
+        """Writer only: send ``obj`` to every reader, in topo's safe encoding (plain values,
+        bytes and tensors; pickled only with ``allow_pickle=True``).
 
         Example::
 
             mq.enqueue({"cmd": "step", "n": 3})
         """
-        self.enqueue_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        self._check("enqueue", writer=True)
+        self.enqueue_bytes(encode(obj, "MessageQueue.enqueue", self.allow_pickle))
 
     def dequeue(self, timeout: float | None = None) -> Any:
         """Reader only: the next object the writer enqueued (waits at most ``timeout`` s).
+        Nothing is unpickled unless the queue was made with ``allow_pickle=True``.
 
         Example::
 
             msg = mq.dequeue(timeout=5)
         """
-        return pickle.loads(self.dequeue_bytes(timeout))
+        return decode(self.dequeue_bytes(timeout), "MessageQueue.dequeue", self.allow_pickle)
 
-    def enqueue_bytes(self, data: bytes) -> None:
-        """Writer only: send ``data`` to every reader, no pickling.
+    def enqueue_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        """Writer only: send ``data`` (bytes-like) to every reader as it is.
 
         Example::
 
             mq.enqueue_bytes(b"step")
         """
         self._check("enqueue", writer=True)
-        view = memoryview(data)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TopoTypeError(
+                f"topo.MessageQueue.enqueue_bytes requires bytes (or a bytearray/memoryview), "
+                f"but got {type(data).__name__}; encode text first (s.encode()) or use enqueue"
+            )
+        view = memoryview(data).cast("B")
         if self.shm_readers:
             start = 0
             while True:
@@ -487,6 +538,22 @@ class MessageQueue:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _shm_free() -> int | None:
+    """Bytes free in /dev/shm (None where there is no such file system to ask)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(Exception):
+        import _posixshmem  # type: ignore[import-not-found]
+
+        _posixshmem.shm_unlink("/" + name)
 
 
 def _buffer(shm: shared_memory.SharedMemory | Attached) -> memoryview:

@@ -41,12 +41,36 @@ def encode_tree(value: object, operation: str) -> tuple[Any, list[torch.Tensor]]
             f"{type(value).__name__}; wrap it, e.g. {{'x': value}}"
         )
     tensors: list[torch.Tensor] = []
-    tree = _encode(value, "", tensors, operation)
+    tree = _encode(value, "", tensors, operation, set())
     return tree, tensors
 
 
-def _encode(value: object, path: str, tensors: list[torch.Tensor], operation: str) -> Any:
+#: The deepest nesting a tensor dict may have (deeper is an error, not a RecursionError).
+MAX_DEPTH = 100
+
+
+def _encode(
+    value: object, path: str, tensors: list[torch.Tensor], operation: str, seen: set[int]
+) -> Any:
+    if isinstance(value, (Mapping, list, tuple)):
+        if id(value) in seen or len(seen) >= MAX_DEPTH:
+            why = "contains itself" if id(value) in seen else f"nests deeper than {MAX_DEPTH}"
+            raise TopoTypeError(
+                f"topo.{operation} requires a tree of dicts, lists and tuples, but {_where(path)} "
+                f"{why}; send a value without cycles"
+            )
+        seen.add(id(value))
+        try:
+            return _encode_container(value, path, tensors, operation, seen)
+        finally:
+            seen.discard(id(value))
     if isinstance(value, torch.Tensor):
+        if value.layout is not torch.strided or value.is_nested or value.is_quantized:
+            raise TopoTypeError(
+                f"topo.{operation} requires dense tensors, but {_where(path)} is "
+                f"{'a nested' if value.is_nested else 'a quantized' if value.is_quantized else f'a {value.layout}'} "
+                f"tensor; convert it (x.to_dense(), x.dequantize()) or send its parts"
+            )
         kind = value.device.type
         if kind not in ("cpu", "cuda"):
             raise TopoValueError(
@@ -56,6 +80,23 @@ def _encode(value: object, path: str, tensors: list[torch.Tensor], operation: st
         tensors.append(value)
         # the itemsize lets a receiver whose torch lacks the dtype still drain the bytes
         return {"t": [dtype_name(value.dtype), list(value.shape), kind, value.element_size()]}
+    if isinstance(value, _SCALARS):
+        return {"v": value}
+    raise TopoTypeError(
+        f"topo.{operation} requires tensors or JSON-able scalars (int, float, str, bool, None) "
+        f"in a tensor dict, but {_where(path)} is a {type(value).__module__}."
+        f"{type(value).__qualname__}; make it a tensor (torch.tensor(...)) or one of those "
+        f"scalars (metadata never travels pickled)"
+    )
+
+
+def _encode_container(
+    value: Mapping[Any, Any] | list[Any] | tuple[Any, ...],
+    path: str,
+    tensors: list[torch.Tensor],
+    operation: str,
+    seen: set[int],
+) -> Any:
     if isinstance(value, Mapping):
         items = []
         for key, item in value.items():
@@ -65,19 +106,12 @@ def _encode(value: object, path: str, tensors: list[torch.Tensor], operation: st
                     f"{_where(path)} has the key {key!r} of type {type(key).__name__}; use "
                     f"str({key!r})"
                 )
-            items.append([key, _encode(item, f"{path}[{key!r}]", tensors, operation)])
+            items.append([key, _encode(item, f"{path}[{key!r}]", tensors, operation, seen)])
         return {"d": items}
-    if isinstance(value, (list, tuple)):
-        tag = "l" if isinstance(value, list) else "u"
-        return {tag: [_encode(v, f"{path}[{i}]", tensors, operation) for i, v in enumerate(value)]}
-    if isinstance(value, _SCALARS):
-        return {"v": value}
-    raise TopoTypeError(
-        f"topo.{operation} requires tensors or JSON-able scalars (int, float, str, bool, None) "
-        f"in a tensor dict, but {_where(path)} is a {type(value).__module__}."
-        f"{type(value).__qualname__}; make it a tensor (torch.tensor(...)) or one of those "
-        f"scalars (metadata never travels pickled)"
-    )
+    tag = "l" if isinstance(value, list) else "u"
+    return {
+        tag: [_encode(v, f"{path}[{i}]", tensors, operation, seen) for i, v in enumerate(value)]
+    }
 
 
 def tree_specs(tree: Any, operation: str) -> tuple[list[TensorSpec], TopoTypeError | None]:

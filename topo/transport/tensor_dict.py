@@ -243,9 +243,9 @@ def send_tensor_dict(
     """
     ctx, names, n = find_context(axis, "send_tensor_dict")
     peer = _peer(ctx, names, n, dst, "dst", "send_tensor_dict", axis)
-    _, _, n_split, slot = _split_axis(all_gather_axis, "send_tensor_dict")
     cpu = ctx.pair_communicator(names, peer, "cpu")
     try:
+        _, _, n_split, slot = _split_axis(all_gather_axis, "send_tensor_dict")
         tree, tensors = encode_tree(d, "send_tensor_dict")
     except TopoError as error:  # tell the receiver instead of leaving it waiting
         _wire.send_bytes(cpu, _wire.dumps({"error": str(error)}), 1 - cpu.index)
