@@ -33,6 +33,7 @@ import torch
 
 import topo
 from topo.bench import RawGroup as _RawGroup
+from topo.communicators.recorder import FlightRecorder
 
 # ------------------------------------------------------------------------- on each rank
 
@@ -137,7 +138,8 @@ class _StubCommunicator:
 
 def layer_overhead(calls: int) -> dict[str, float]:
     """Per-call cost of topo's layer (context lookup, validation, dispatch) with a stub
-    communicator, of a 4-byte clone (the out-of-place copy), and of the raw gloo call."""
+    communicator, of a 4-byte clone (the out-of-place copy), and of one flight record (which
+    every gloo and NCCL call makes; the stub makes none)."""
     ctx = topo.current()
     names = ctx.mesh.axis_names
     key = (names, "cpu", None)
@@ -145,12 +147,14 @@ def layer_overhead(calls: int) -> dict[str, float]:
     stub = _StubCommunicator(real)
     x = torch.ones(1)
     ctx._communicators[key] = stub  # type: ignore[assignment]
+    flight = FlightRecorder()  # what each gloo and NCCL call records before it runs
     try:
         out = {}
         for label, fn in (
             ("topo.all_reduce (stub comm)", lambda: topo.all_reduce(x, axis=names)),
             ("stub comm called directly", lambda: stub.all_reduce(x, "sum")),
             ("x.clone() of 4 bytes", lambda: x.clone()),
+            ("flight recorder, one record", lambda: flight.record("all_reduce", x)),
         ):
             best = float("inf")
             for _ in range(5):

@@ -9,6 +9,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -91,8 +92,10 @@ def test_rank_that_never_arrives(tmp_path: Path, spawn_timeout: int) -> None:
     message = str(info.value)
     assert info.value.rank in (0, 1, 2)
     assert "RendezvousTimeout" in message
-    assert "barrier 'topo.barrier:dp.tp' timed out" in message
-    assert "rank(s) [3] of [0, 1, 2, 3] did not arrive" in message
+    # the rank that timed out first, or one that relays its verdict ("failed on rank 1: rank 0
+    # timed out after 3 s waiting for rank(s) [3]"), whichever spawn heard first
+    assert re.search(r"barrier 'topo.barrier:dp.tp' (timed out|failed on rank \d)", message)
+    assert re.search(r"rank\(s\) \[3\]( of \[0, 1, 2, 3\])?,? (which )?did not arrive", message)
     assert "timed out after 3 s" in message
     assert elapsed < 60
     timed_out: list[int] = []
@@ -101,7 +104,7 @@ def test_rank_that_never_arrives(tmp_path: Path, spawn_timeout: int) -> None:
         activation = caught["activation"]
         assert "activating DeviceMesh(a=4)" in activation
         # the rank that times out first says so; the others relay its verdict
-        assert "rank(s) [3]" in activation and "did not arrive" in activation
+        assert "rank(s) [3]" in activation and "did not arrive" in activation, activation
         assert caught["activation_s"] < 10
         kind, text = caught["communicator"]
         assert kind in ("CommunicationTimeout", "CommunicationError"), text
@@ -111,7 +114,7 @@ def test_rank_that_never_arrives(tmp_path: Path, spawn_timeout: int) -> None:
         # The first rank to time out closes its gloo connections, so a peer still waiting
         # may see "connection closed by peer" a moment before its own timeout.
         assert kind in ("CommunicationTimeout", "CommunicationError"), text
-        assert "all_reduce on axis 'every' group (0, 1, 2, 3)" in text
+        assert re.search(r"all_reduce #\d+ on axis 'every' group \(0, 1, 2, 3\)", text), text
         if kind == "CommunicationTimeout":
             assert "timed out after 3 s" in text
             timed_out.append(rank)

@@ -15,7 +15,8 @@ import torch
 
 import topo
 from topo.coordinator import Coordinator
-from topo.store import Sealer, connect_store, listen_socket
+from topo.secret import Sealer
+from topo.store import connect_store, listen_socket
 from topo.world import World
 
 TOPO = Path(__file__).resolve().parents[1] / "topo"
@@ -138,6 +139,40 @@ def test_secret_refuses_forged_broadcast() -> None:
     assert "TOPO_SECRET" in str(out[1])
 
 
+def test_a_forged_open_key_ends_both_ranks_with_authentication_error() -> None:
+    # The open key is read before the activation's generation (and its alarm key) is known:
+    # the rank that refuses it raises the opening's alarm, and rank 0, waiting for it at the
+    # join barrier, ends with the same AuthenticationError instead of a bare timeout.
+    store = torch.distributed.HashStore()
+    secret = b"0123456789abcdef"
+    out: dict[int, Any] = {}
+
+    def rank(r: int) -> None:
+        try:
+            Coordinator.join(
+                World(rank=r, world_size=2),
+                timeout=timedelta(seconds=3),
+                store=store,
+                secret=secret,
+            )
+            out[r] = "joined"
+        except topo.TopoError as error:
+            out[r] = error
+
+    first = threading.Thread(target=rank, args=(0,))
+    first.start()
+    store.wait(["topo/open"], timedelta(seconds=10))
+    store.set("topo/open", b"12345")  # an intruder without the secret rewrites it
+    second = threading.Thread(target=rank, args=(1,))
+    second.start()
+    for t in (first, second):
+        t.join(30)
+    assert isinstance(out[1], topo.AuthenticationError), out
+    assert "'topo/open'" in str(out[1])
+    assert isinstance(out[0], topo.AuthenticationError), out  # not RendezvousTimeout
+    assert "a peer refused the value at store key 'topo/open'" in str(out[0])
+
+
 def test_secret_round_trip_and_tamper() -> None:
     sealer = Sealer(b"0123456789abcdef")
     blob = sealer.seal("k", b"payload")
@@ -151,7 +186,9 @@ def test_secret_round_trip_and_tamper() -> None:
 
 def test_secret_from_env_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOPO_SECRET", "0123456789abcdef")
-    with topo.DeviceMesh(tp=1).activate(World(rank=0, world_size=1, master_port=0), timeout=10) as c:
+    with topo.DeviceMesh(tp=1).activate(
+        World(rank=0, world_size=1, master_port=0), timeout=10
+    ) as c:
         assert c.coordinator.sealer.secret == b"0123456789abcdef"
         assert c.coordinator.broadcast(b"x", src=0) == b"x"
 

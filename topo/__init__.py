@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.graphs import *  # noqa: F403
     from topo.interop import *  # noqa: F403
     from topo.launch import *  # noqa: F403
+    from topo.rng import *  # noqa: F403
     from topo.simulation import *  # noqa: F403
     from topo.transport import *  # noqa: F403
     from topo.world import *  # noqa: F403
@@ -54,6 +55,7 @@ _LAZY_MODULES = (
     "topo.active",
     "topo.coordinator",
     "topo.collectives",
+    "topo.rng",
     "topo.graphs",
     "topo.interop",
     "topo.transport",

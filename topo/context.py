@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,6 +36,7 @@ from topo.active import (
 from topo.communicators.base import Communicator
 from topo.communicators.checked import CheckChannel, CheckedCommunicator
 from topo.communicators.registry import Backend, GroupSpec, describe, resolve_backends
+from topo.communicators.rollcall import publish_flights
 from topo.coordinator import Coordinator
 from topo.errors import (
     CommunicationError,
@@ -44,10 +45,13 @@ from topo.errors import (
     TopoValueError,
 )
 from topo.mesh import Axis, DeviceMesh
-from topo.store import check_store_address, load_secret, warn_without_secret
+from topo.secret import load_secret, warn_without_secret
+from topo.store import check_store_address
 from topo.world import World
 
 __all__ = ["MeshContext", "activate"]
+
+T = TypeVar("T")
 
 
 class MeshContext:
@@ -118,6 +122,28 @@ class MeshContext:
             assert ctx.closed
         """
         return self._closed
+
+    def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Call ``fn(*args, **kwargs)`` with this activation active on the calling thread: the
+        way to use collectives from a thread you start (a new thread has no active mesh).
+        Only one thread at a time may use a group's communicator.
+
+        Example::
+
+            with mesh.activate() as ctx:
+                t = threading.Thread(target=ctx.run, args=(topo.all_reduce, x, "tp"))
+                t.start(); t.join()
+        """
+        if self._closed:
+            raise TopoValueError(
+                f"MeshContext.run requires an open activation, but {self!r} is closed; call it "
+                f"inside `with mesh.activate() as ctx:`"
+            )
+        token = _ACTIVE.set((*_ACTIVE.get(), self))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
 
     # ----------------------------------------------------------------- rank math
 
@@ -313,6 +339,9 @@ class MeshContext:
             coordinator=self.coordinator,
         )
         comm = _with_arrival(store, index, ranks, label, lambda: backend.factory(group))
+        flight = getattr(comm, "flight", None)  # its calls, for the roll call after a failure
+        if flight is not None:
+            self.coordinator.flights[scope] = (label, flight)
         start_watchdog = getattr(comm, "start_watchdog", None)  # backends with async errors
         if self.watchdog is not None and start_watchdog is not None:
             start_watchdog(self.watchdog)
@@ -338,6 +367,12 @@ class MeshContext:
         if self._closed:
             return
         self._closed = True
+        # where this rank went, for a peer still waiting on it (after a failed collective its
+        # roll call already said which call failed: that stays)
+        if self.coordinator.flights and not (abort and self.coordinator.store.roll_calls):
+            where = "leaving its activation after an error" if abort else "closing its activation"
+            publish_flights(self.coordinator.store, self.coordinator.prefix, self.rank,
+                            self.coordinator.flights, where)  # fmt: skip
         try:
             if not abort:
                 self.coordinator.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import time
 import warnings
 import zlib
@@ -33,7 +32,10 @@ from topo.errors import (
     TopoTypeError,
     TopoValueError,
 )
-from topo.store import BoundedStore, Sealer, connect_store
+from topo.generation import is_connection_loss, open_generation, opening_alarm
+from topo.process_identity import identity
+from topo.secret import Sealer
+from topo.store import BoundedStore, connect_store
 from topo.world import World
 
 __all__ = ["Coordinator"]
@@ -85,6 +87,9 @@ class Coordinator:
         # next barrier of the same members (then every member has passed the earlier round).
         self._pending_deletes: dict[str, list[str]] = {}
         self._base_store: dist.Store | None = None
+        #: Every communicator of the activation: store scope -> (label, flight recorder); the
+        #: roll call after a failure publishes them (see topo.communicators.recorder).
+        self.flights: dict[str, tuple[str, Any]] = {}
 
     # ------------------------------------------------------------------ joining
 
@@ -128,13 +133,20 @@ class Coordinator:
                 base, timeout, where if store is None else "the given store", Sealer(secret)
             )
             try:
+                # a forged value read before the generation is known (the open key) raises
+                # the alarm here; rank 0 looks at it too
+                bounded.alarm_key = bounded.opening_alarm_key = opening_alarm(namespace)
+                bounded.rank = world.rank
                 with _guard(f"rank {world.rank} joining for {label}"):
-                    generation = _open_generation(bounded, world, namespace, deadline, label)
+                    generation = open_generation(bounded, world, namespace, deadline, label)
                 coordinator = cls(bounded, world, f"{namespace}/{generation}", timeout, label)
                 bounded.alarm_key = f"{namespace}/{generation}/alarm"
                 bounded.rank = world.rank
                 coordinator._base_store = base  # keeps a hosted TCPStore alive with it
                 coordinator.hosts_store = hosting
+                # which process this rank is: a survivor of a failed collective on the same
+                # machine looks at it (topo.communicators.rollcall)
+                bounded.set(coordinator.key("process", world.rank), json.dumps(identity()).encode())
                 try:
                     coordinator.barrier("join")
                 except AuthenticationError:
@@ -392,10 +404,16 @@ class Coordinator:
         alarm (each acknowledges it as it ends with the same AuthenticationError), at most the
         activation's timeout plus :data:`LINGER_SECONDS`."""
         end = time.monotonic() + self.timeout.total_seconds() + LINGER_SECONDS
-        keys = [f"{self.prefix}/alarm/ack/{r}" for r in range(self.world_size) if r != self.rank]
+        bases = [f"{self.prefix}/alarm", *filter(None, [self.store.opening_alarm_key])]
+        waiting = [r for r in range(self.world_size) if r != self.rank]
         with contextlib.suppress(Exception):
-            while time.monotonic() < end and not self.store.check_within(keys, 2.0):
-                time.sleep(0.1)
+            while waiting and time.monotonic() < end:
+                waiting = [
+                    r
+                    for r in waiting
+                    if not any(self.store.check_within([f"{b}/ack/{r}"], 2.0) for b in bases)
+                ]
+                time.sleep(0.1 if waiting else 0)
 
     def close(self) -> None:
         """Wait for every rank, delete this activation's keys, and leave rank 0 (the store's
@@ -451,7 +469,7 @@ class Coordinator:
         except StoreLostError:
             raise
         except RuntimeError as error:
-            if _is_connection_loss(error):
+            if is_connection_loss(error):
                 raise
         else:
             if self.store.check([verdict_key]):
@@ -466,6 +484,10 @@ class Coordinator:
         if arrived is not None:
             with contextlib.suppress(RuntimeError):  # the store itself may be gone
                 missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
+            # A waiter that timed out a moment earlier may have woken the waits with marks in
+            # the arrival keys: it set its verdict first, so follow that one.
+            if self.store.check([verdict_key]):
+                self._follow_verdict(verdict_key, what)
         self._publish_verdict(verdict_key, missing, len(members) - len(missing), keys)
         raise RendezvousTimeout(
             f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
@@ -474,9 +496,7 @@ class Coordinator:
             f"the same order, or raise the timeout"
         )
 
-    def _publish_verdict(
-        self, key: str, missing: list[int], arrived: int, wake: list[str]
-    ) -> None:
+    def _publish_verdict(self, key: str, missing: list[int], arrived: int, wake: list[str]) -> None:
         """Tell the ranks still waiting which ranks did not arrive (and wake them by setting
         the keys they wait for); the store's host then stays up until they have read it (at
         most :data:`LINGER_SECONDS`)."""
@@ -536,54 +556,6 @@ def _from_json(key: str, data: bytes) -> Any:
         ) from None
 
 
-def _open_generation(
-    store: BoundedStore, world: World, namespace: str, deadline: float, label: str
-) -> int:
-    """The generation of this activation attempt: rank 0 draws a fresh one and opens it;
-    the other ranks join the open one (never a finished or failed one)."""
-    open_key = f"{namespace}/open"
-    if world.rank == 0:
-        # with a secret no counter anyone could corrupt: a random generation
-        generation = (
-            secrets.randbits(48) if store.sealed else store.add(f"{namespace}/round", 1)
-        )
-        store.set(open_key, str(generation).encode())
-        return generation
-    while True:
-        left = deadline - time.monotonic()
-        if left < 0.01:
-            raise RendezvousTimeout(
-                f"rank {world.rank} {label}: rank 0 did not open the activation within the "
-                f"timeout: rank 0 did not arrive (is it running, with the same mesh and name?)"
-            )
-        try:
-            store.wait([open_key], timedelta(seconds=left))
-        except StoreLostError:
-            raise
-        except RuntimeError as error:
-            if _is_connection_loss(error):
-                raise
-            continue
-        try:
-            generation = int(store.get(open_key))
-        except AuthenticationError:
-            raise  # rank 0 has another secret (or none), or an intruder wrote it
-        except (RuntimeError, ValueError):
-            continue  # rank 0 closed it between our wait and get
-        join = f"{namespace}/{generation}/barrier/join/all/0"
-        if not store.check([f"{join}/done"]) and not store.check([f"{join}/failed"]):
-            return generation
-        time.sleep(0.01)  # a finished attempt's key not yet deleted: wait for the next one
-
-
-def _is_connection_loss(error: BaseException) -> bool:
-    names = {cls.__name__ for cls in type(error).__mro__}
-    text = str(error)
-    return "DistNetworkError" in names or any(
-        s in text for s in ("Connection reset", "Broken pipe", "likely closed", "Failed to recv")
-    )
-
-
 @contextmanager
 def _guard(what: str) -> Iterator[None]:
     """Turn a broken store connection into :class:`StoreLostError` naming ``what``."""
@@ -592,7 +564,7 @@ def _guard(what: str) -> Iterator[None]:
     except StoreLostError:
         raise
     except RuntimeError as error:
-        if not _is_connection_loss(error):
+        if not is_connection_loss(error):
             raise
         raise StoreLostError(
             f"{what}: the connection to the rendezvous store broke ({str(error).splitlines()[0]})"

@@ -165,13 +165,19 @@ class InsecureStoreWarning(UserWarning):
 class CommunicationError(TopoError, RuntimeError):
     """A collective failed inside the communication backend (gloo or NCCL).
 
+    ``culprits`` lists the global ranks the roll call after the failure found at fault (dead,
+    stopped, elsewhere, or in another call), when it could tell; ``topo.spawn`` blames them.
+
     Example::
 
         try:
             topo.all_reduce(x, axis="tp")
         except topo.CommunicationError as error:
-            print(error)
+            print(error, error.culprits)
     """
+
+    #: The global ranks found at fault by the roll call (empty when it could not tell).
+    culprits: list[int] = []  # noqa: RUF012  (a class default, replaced per instance)
 
 
 class CommunicationTimeout(CommunicationError, TimeoutError):

@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 from topo._checks import as_bool, as_seconds, as_str_mapping
+from topo.communicators.rollcall import ROLL_CALL_SECONDS
 from topo.errors import RankFailedError, RendezvousTimeout, TopoTypeError
 from topo.mesh import DeviceMesh
 from topo.world import LOOPBACK
@@ -36,8 +37,9 @@ __all__ = ["spawn"]
 _LOOPBACK = LOOPBACK
 
 #: After a first rank fails, how long spawn keeps listening to the others before it names the
-#: culprit (a rank that only saw its peer vanish is not the cause).
-_SETTLE_SECONDS = 3.0
+#: culprit (a rank that only saw its peer vanish is not the cause): long enough for a rank whose
+#: collective timed out at the same moment to hold its roll call and report what it found.
+_SETTLE_SECONDS = ROLL_CALL_SECONDS + 4.0
 
 #: Errors a rank raises because a peer failed, not of its own making.
 _PEER_ERRORS = frozenset(
@@ -92,8 +94,10 @@ def spawn(
     if not callable(fn):
         raise TopoTypeError(f"spawn fn requires a callable, but got {type(fn).__name__}")
     seconds = as_seconds(timeout, "spawn timeout")
-    inner = seconds if activation_timeout is None else as_seconds(
-        activation_timeout, "spawn activation_timeout"
+    inner = (
+        seconds
+        if activation_timeout is None
+        else as_seconds(activation_timeout, "spawn activation_timeout")
     )
     share_gpu = as_bool(share_gpu, "spawn share_gpu")
     extra_env = as_str_mapping(env, "spawn env")
@@ -150,9 +154,7 @@ class _Launch:
         if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, _cores() // self.mesh.size))
         if self.share_gpu:
-            env.update(
-                NCCL_HOSTID=f"topo-rank-{rank}", NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1"
-            )
+            env.update(NCCL_HOSTID=f"topo-rank-{rank}", NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1")
         return env
 
     def run(self) -> list[Any]:
@@ -192,8 +194,9 @@ class _Launch:
     def _collect(self) -> list[Any]:
         n = self.mesh.size
         results: dict[int, Any] = {}
-        errors: dict[int, tuple[str, str]] = {}  # rank -> (type and message, traceback)
+        errors: dict[int, tuple[str, str, list[int]]] = {}  # rank -> (text, traceback, culprits)
         died: list[int] = []
+        self.started: set[int] = set()  # ranks whose function began (they had activated)
         port_sent = False
         pending = set(range(n))
         settle_until: float | None = None  # after a first failure: gather the others' too
@@ -224,6 +227,8 @@ class _Launch:
                     for other in range(1, n):
                         self.conns[other].send(("port", message[1]))
                     port_sent = True
+                elif kind == "started":
+                    self.started.add(rank)
                 elif kind == "result":
                     results[rank] = self._unpickle(rank, message[1])
                     pending.discard(rank)
@@ -233,22 +238,29 @@ class _Launch:
                         died.append(rank)
                         settle_until = time.monotonic()  # the cause is known: report it now
                         continue
-                    errors[rank] = (message[1], message[2])
+                    culprits = [int(r) for r in message[3]] if len(message) > 3 else []
+                    errors[rank] = (message[1], message[2], culprits)
                     if message[1].split(":")[0] not in _PEER_ERRORS:
                         settle_until = time.monotonic()  # an error of its own: the cause
                     elif settle_until is None:
                         settle_until = time.monotonic() + _SETTLE_SECONDS
         if errors or died:
-            self._raise_culprit(errors, died, pending)
+            self._raise_culprit(errors, died, pending, set(results))
         return [results[r] for r in range(n)]
 
     def _raise_culprit(
-        self, errors: dict[int, tuple[str, str]], died: list[int], pending: set[int]
+        self,
+        errors: dict[int, tuple[str, str, list[int]]],
+        died: list[int],
+        pending: set[int],
+        finished: set[int],
     ) -> NoReturn:
         """Blame the cause, not the first to notice: a stopped rank, then a dead one, then one
         that raised an error of its own, before ranks that only saw a peer vanish."""
         stopped = self._stopped(pending)
-        others = ", ".join(f"rank {r}: {errors[r][0].splitlines()[0][:160]}" for r in sorted(errors))
+        others = ", ".join(
+            f"rank {r}: {errors[r][0].splitlines()[0][:160]}" for r in sorted(errors)
+        )
         seen = f"; what the other ranks saw — {others}" if others else ""
         if stopped is not None:
             raise RankFailedError(
@@ -258,9 +270,33 @@ class _Launch:
             )
         if died:
             self._raise_died(died[0], seen)
-        own = [r for r, (text, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
-        rank = min(own) if own else min(errors)
-        text, trace = errors[rank]
+        own = [r for r, (text, _, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
+        blamed = _most_blamed(errors)
+        witness = None
+        if blamed is not None:
+            witness, blamed = _follow_blame(errors, blamed)
+        if not own and blamed is not None and witness is not None:
+            # The survivors' roll calls agree on a rank whose own error (if any) is only a
+            # wait on others: it skipped a call, left early, or waits elsewhere; their
+            # messages say which.
+            text, trace, _ = errors[witness]
+            if blamed in errors:
+                state = f"it raised {errors[blamed][0].splitlines()[0][:300]}"
+            else:
+                state = "it finished its function" if blamed in finished else "it raised nothing"
+            raise RankFailedError(
+                f"rank {blamed} of {self.mesh!r} is the cause, as rank {witness} found: {text}"
+                f"\n(rank {blamed}: {state})\n--- traceback of rank {witness} ---\n{trace}",
+                rank=blamed,
+                remote_traceback=trace,
+            )
+        if own:
+            rank = min(own)
+        elif blamed is not None and blamed in errors:
+            rank = blamed
+        else:
+            rank = min(errors)
+        text, trace, _ = errors[rank]
         raise RankFailedError(
             f"rank {rank} of {self.mesh!r} raised {text}\n--- traceback of rank {rank} ---\n"
             f"{trace}",
@@ -304,8 +340,8 @@ class _Launch:
         code = self.procs[rank].exitcode
         raise RankFailedError(
             f"rank {rank} of {self.mesh!r} died without a result (exit code "
-            f"{code}{_signal_name(code)}); the other ranks were stopped. A script that calls "
-            f"topo.spawn at top level needs `if __name__ == '__main__':` around the call{seen}",
+            f"{code}{_signal_name(code)}); the other ranks were stopped. "
+            f"{_death_hint(code, rank in self.started)}{seen}",
             rank=rank,
         )
 
@@ -350,6 +386,58 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _most_blamed(errors: dict[int, tuple[str, str, list[int]]]) -> int | None:
+    """The rank the survivors' roll calls name most often (the lowest on a tie), if any."""
+    counts: dict[int, int] = {}
+    for _, _, culprits in errors.values():
+        for rank in culprits:
+            counts[rank] = counts.get(rank, 0) + 1
+    if not counts:
+        return None
+    return min(counts, key=lambda r: (-counts[r], r))
+
+
+def _follow_blame(
+    errors: dict[int, tuple[str, str, list[int]]], blamed: int
+) -> tuple[int | None, int]:
+    """Follow the blame from rank to rank: a blamed rank that failed itself, waiting in another
+    collective, names whom it waited for (rank 0 waits for rank 2 in a dp call, rank 2 waits
+    for rank 3 in a tp call: the cause is rank 3). Returns (the witness that named the last
+    rank, the last rank)."""
+    witness = min((r for r, (_, _, named) in errors.items() if blamed in named), default=None)
+    seen = {blamed}
+    while blamed in errors:
+        onward = [r for r in errors[blamed][2] if r not in seen]
+        if not onward:
+            break
+        witness, blamed = blamed, min(onward)
+        seen.add(blamed)
+    return witness, blamed
+
+
+def _death_hint(code: int | None, started: bool) -> str:
+    """What a rank's death most likely means, from when it died and how."""
+    if not started:
+        return (
+            "It died before its function began: a script that calls topo.spawn at top level "
+            "needs `if __name__ == '__main__':` around the call, and the function must be "
+            "importable by a new process"
+        )
+    if code is not None and code < 0 and -code in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+        return (
+            "It crashed in native code during its function: gloo aborts the process when the "
+            "ranks of a collective pass different shapes or dtypes, or call different "
+            "collectives; run with TOPO_CHECK=1 (or env={'TOPO_CHECK': '1'}) to name the "
+            "mismatch at the call"
+        )
+    if code is not None and code == -signal.SIGKILL:
+        return (
+            "It was killed (SIGKILL) during its function: the kernel's out-of-memory killer, "
+            "or someone's kill -9"
+        )
+    return f"It exited during its function (os._exit or sys.exit with code {code}?)"
 
 
 def _signal_name(code: int | None) -> str:
@@ -405,14 +493,22 @@ def _child_main(spec: _ChildSpec, conn: mpc.Connection, lifeline: mpc.Connection
         result = _run_rank(spec, conn)
         conn.send(("result", pickle.dumps(result)))
     except BaseException as error:
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{type(error).__name__}: {error}", traceback.format_exc()))
+        if not getattr(error, "_topo_reported", False):
+            _report_error(conn, error)
     finally:
         conn.close()
 
 
+def _report_error(conn: mpc.Connection, error: BaseException) -> None:
+    """Send the parent this rank's error: its text, traceback and the ranks it blames."""
+    with contextlib.suppress(Exception):
+        culprits = [int(r) for r in getattr(error, "culprits", ())]
+        conn.send(("error", f"{type(error).__name__}: {error}", traceback.format_exc(), culprits))
+
+
 def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
-    from topo.store import SPAWN_SECRET_VARIABLE, host_store, listen_socket
+    from topo.secret import SPAWN_SECRET_VARIABLE
+    from topo.store import host_store, listen_socket
     from topo.world import World
 
     wait = timedelta(seconds=spec.activation_timeout)
@@ -453,6 +549,15 @@ def _run_rank(spec: _ChildSpec, conn: mpc.Connection) -> Any:
     device = "cuda:0" if spec.share_gpu else None
     try:
         with spec.mesh.activate(world, timeout=wait, device=device):
-            return fn(*args)
+            conn.send(("started",))
+            try:
+                return fn(*args)
+            except BaseException as error:
+                # Now, not after the activation closes: rank 0 (the store's host) lingers
+                # there for its peers, and the parent names the culprit from what arrives.
+                _report_error(conn, error)
+                with contextlib.suppress(Exception):
+                    error._topo_reported = True  # type: ignore[attr-defined]
+                raise
     finally:
         del store

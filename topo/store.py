@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import hmac
 import json
-import os
 import queue
 import socket
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
@@ -41,25 +37,21 @@ from typing import Any, TypeVar
 import topo._dist as dist
 from topo.errors import (
     AuthenticationError,
-    InsecureStoreWarning,
     PortInUseError,
     RendezvousTimeout,
     StoreLostError,
-    TopoTypeError,
     TopoValueError,
 )
+from topo.secret import Sealer
 from topo.world import World
 
 __all__ = [
     "WILDCARDS",
     "BoundedStore",
-    "Sealer",
     "check_store_address",
     "connect_store",
     "host_store",
     "listen_socket",
-    "load_secret",
-    "warn_without_secret",
 ]
 
 T = TypeVar("T")
@@ -70,8 +62,6 @@ MARGIN_SECONDS = 5.0
 
 #: How long a store worker thread waits for work before it ends (it restarts on demand).
 IDLE_SECONDS = 2.0
-
-_TAG_BYTES = 32  # HMAC-SHA256
 
 
 def listen_socket(addr: str, port: int) -> socket.socket:
@@ -291,6 +281,9 @@ class BoundedStore(dist.Store):
         #: Where a rank that refused a forged value says so, for its peers (set by the
         #: coordinator once the activation's prefix is known).
         self.alarm_key: str | None = None
+        #: The alarm key of the activation's opening (before its generation is known), which
+        #: :meth:`alarm` looks at too.
+        self.opening_alarm_key: str | None = None
         #: The first forged value this rank refused, if any.
         self.forgery: AuthenticationError | None = None
         self._worker = _Worker()
@@ -356,17 +349,22 @@ class BoundedStore(dist.Store):
         """
         if self.forgery is not None:
             return self.forgery
-        key = self.alarm_key
-        if key is None or not self.sealed:
+        if not self.sealed:
             return None
-        try:
-            if not self.check_within([key], 2.0):
-                return None
-            found = json.loads(self.sealer.open(key, self.get_within_raw(key, 2.0)))["key"]
-        except AuthenticationError as error:
-            self._acknowledge()
-            return error
-        except Exception:
+        keys = [k for k in (self.alarm_key, self.opening_alarm_key) if k is not None]
+        found = None
+        for key in dict.fromkeys(keys):
+            try:
+                if not self.check_within([key], 2.0):
+                    continue
+                found = json.loads(self.sealer.open(key, self.get_within_raw(key, 2.0)))["key"]
+                break
+            except AuthenticationError as error:
+                self._acknowledge()
+                return error
+            except Exception:
+                continue
+        if found is None:
             return None
         self._acknowledge()
         return AuthenticationError(
@@ -507,96 +505,3 @@ def check_store_address(world: World, bind: str | None, given_store: bool = Fals
         f"cluster's private network, or pass bind={world.master_addr!r} to listen everywhere "
         f"on purpose (only on a trusted network)"
     )
-
-
-def warn_without_secret(world: World) -> None:
-    """Warn (once per call site) that a multi-host job without ``TOPO_SECRET`` can be disrupted
-    or redirected by anyone who reaches its store.
-
-    Example::
-
-        warn_without_secret(World.from_env())
-    """
-    warnings.warn(
-        f"activating a multi-host job (world of {world.world_size}, {world.local_world_size} per "
-        f"node) without a shared secret: anyone who reaches {world.master_addr}:"
-        f"{world.master_port} can disrupt the job or redirect its connections; export the same "
-        f"TOPO_SECRET (e.g. python -c 'import secrets; print(secrets.token_hex(16))') on every "
-        f"rank — see docs/security.md",
-        InsecureStoreWarning,
-        stacklevel=4,
-    )
-
-
-#: Where ``topo.spawn`` puts the secret it made for its ranks' store: ``"PORT:SECRET"``.
-SPAWN_SECRET_VARIABLE = "TOPO_SPAWN_SECRET"
-
-
-def load_secret(secret: object, world: World | None = None) -> bytes | None:
-    """The job's shared secret: ``secret`` (bytes or str), else ``TOPO_SECRET``, else — for
-    an activation on the store of the ``topo.spawn`` this process is a rank of — the secret
-    spawn made for it, else None.
-
-    Example::
-
-        load_secret("s3cret")   # b's3cret'
-    """
-    if secret is None:
-        env = os.environ.get("TOPO_SECRET")
-        if env:
-            return env.encode()
-        spawned = os.environ.get(SPAWN_SECRET_VARIABLE, "")
-        port, _, token = spawned.partition(":")
-        if world is not None and token and port == str(world.master_port):
-            return token.encode()
-        return None
-    if isinstance(secret, str):
-        secret = secret.encode()
-    if not isinstance(secret, bytes):
-        raise TopoTypeError(
-            f"activate secret requires bytes or a str, but got {type(secret).__name__}; pass "
-            f"e.g. secret=os.environ['JOB_SECRET']"
-        )
-    if len(secret) < 8:
-        raise TopoValueError(
-            f"activate secret requires at least 8 bytes, but got {len(secret)}; use a random "
-            f"token such as secrets.token_hex(16)"
-        )
-    return secret
-
-
-class Sealer:
-    """Tags control messages with HMAC-SHA256 of (key, value) under the job's secret, and
-    checks the tags of what it reads; without a secret it passes values through.
-
-    Example::
-
-        sealer = Sealer(b"job-secret")
-        blob = sealer.seal("topo/0/uid", b"...")
-        sealer.open("topo/0/uid", blob)   # b"..."
-    """
-
-    def __init__(self, secret: bytes | None) -> None:
-        self.secret = secret
-
-    def _tag(self, key: str, value: bytes) -> bytes:
-        assert self.secret is not None
-        return hmac.new(self.secret, key.encode() + b"\0" + value, hashlib.sha256).digest()
-
-    def seal(self, key: str, value: bytes) -> bytes:
-        if self.secret is None:
-            return value
-        return self._tag(key, value) + value
-
-    def open(self, key: str, blob: bytes) -> bytes:
-        if self.secret is None:
-            return blob
-        tag, value = blob[:_TAG_BYTES], blob[_TAG_BYTES:]
-        if len(tag) != _TAG_BYTES or not hmac.compare_digest(tag, self._tag(key, value)):
-            raise AuthenticationError(
-                f"the control message at store key {key!r} requires a valid HMAC tag under the "
-                f"job's secret, but its tag does not match: it was written by a process without "
-                f"the secret (an intruder, or a rank started without TOPO_SECRET); refused it. "
-                f"Give every rank the same TOPO_SECRET"
-            )
-        return value

@@ -20,6 +20,7 @@ from topo.communicators.base import ReduceOp
 from topo.communicators.buffers import BufferPool
 from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
 from topo.communicators.handoff import HandedTensors, use_count
+from topo.communicators.recorder import FlightRecorder
 from topo.communicators.rollcall import RollCall
 from topo.errors import CommunicationError, CommunicationTimeout, TopoError
 
@@ -86,6 +87,8 @@ class GlooCommunicator:
         self._barrier_options = dist.BarrierOptions()
         self.buffers = BufferPool()
         self.handed = HandedTensors()  # see topo/communicators/handoff.py: no GIL deadlock
+        #: This communicator's calls (see topo/communicators/recorder.py).
+        self.flight = FlightRecorder()
 
     @property
     def size(self) -> int:
@@ -111,27 +114,41 @@ class GlooCommunicator:
         if forged is not None:  # a forged store value (refused here or by a peer) is the cause
             return forged
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        absent = self.roll_call.report() if roll_call and self.roll_call is not None else ""
+        absent = ""
+        if roll_call and self.roll_call is not None:
+            absent = self.roll_call.report(self.flight)
+        seq = f" #{self.flight.calls}" if roll_call else ""
+        culprits = list(self.roll_call.culprits) if roll_call and self.roll_call else []
+        found: CommunicationError
         if "timed out" in text.lower() or "timeout" in text.lower():
-            return CommunicationTimeout(
-                f"{operation} on {self.label} timed out after {self.timeout.total_seconds():g} s "
-                f"(global ranks {list(self.ranks)}): a peer did not arrive or died{absent}; "
-                f"check that every rank of the group calls the same collectives in the same "
-                f"order [gloo: {text}]"
+            found = CommunicationTimeout(
+                f"{operation}{seq} on {self.label} timed out after "
+                f"{self.timeout.total_seconds():g} s (global ranks {list(self.ranks)}): a peer did "
+                f"not arrive or died{absent}; check that every rank of the group calls the same "
+                f"collectives in the same order [gloo: {text}]"
             )
-        return CommunicationError(
-            f"{operation} on {self.label} failed (global ranks {list(self.ranks)}){absent}; a "
-            f"peer may have died or called a different collective: check the other ranks' "
-            f"errors [gloo: {text}]"
-        )
+        else:
+            found = CommunicationError(
+                f"{operation}{seq} on {self.label} failed (global ranks {list(self.ranks)})"
+                f"{absent}; a peer may have died or called a different collective: check the "
+                f"other ranks' errors [gloo: {text}]"
+            )
+        found.culprits = culprits
+        return found
 
     def _run(
-        self, operation: str, start: Callable[[], dist.Work], tensors: Sequence[torch.Tensor]
+        self,
+        operation: str,
+        start: Callable[[], dist.Work],
+        tensors: Sequence[torch.Tensor],
+        x: torch.Tensor | None,
     ) -> None:
-        """Start one gloo operation on ``tensors`` (every tensor it hands to gloo) and wait for
-        it; any failure (also one gloo raises while starting, as after an earlier timeout)
-        becomes a :class:`CommunicationError`. The tensors stay alive until gloo's worker
-        thread has let go of them (:class:`~topo.communicators.handoff.HandedTensors`)."""
+        """Start one gloo operation on ``tensors`` (every tensor it hands to gloo; ``x`` is the
+        caller's input, for the flight record) and wait for it; any failure (also one gloo
+        raises while starting, as after an earlier timeout) becomes a
+        :class:`CommunicationError`. The tensors stay alive until gloo's worker thread has let
+        go of them (:class:`~topo.communicators.handoff.HandedTensors`)."""
+        self.flight.record(operation, x)
         before = self.handed.counts(tensors)
         try:
             start().wait()
@@ -154,6 +171,7 @@ class GlooCommunicator:
 
     def _all_reduce(self, y: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         """Reduce ``y`` in place over the group."""
+        self.flight.record("all_reduce", y)
         pg = self._pg if self._pg is not None else self.pg
         before = use_count(y)
         try:
@@ -178,11 +196,11 @@ class GlooCommunicator:
         shape with that layout (``(size * x.shape[0], ...)``)."""
         stacked = out if out.dim() == x.dim() + 1 else out.view(self.size, *x.shape)
         src, chunks = _as_bytes(x), list(_as_bytes(stacked).unbind(0))
-        self._run("all_gather", lambda: self.pg.allgather([chunks], [src]), [src, *chunks])
+        self._run("all_gather", lambda: self.pg.allgather([chunks], [src]), [src, *chunks], x)
         return out
 
     def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        received = self.all_to_all(x)
+        received = self._all_to_all(x, "reduce_scatter")
         if op in ("sum", "avg"):
             y = received.sum(0, dtype=x.dtype)
             return y / self.size if op == "avg" else y
@@ -201,7 +219,7 @@ class GlooCommunicator:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         moved = _as_bytes(y)
-        self._run("broadcast", lambda: self.pg.broadcast([moved], opts), [moved])
+        self._run("broadcast", lambda: self.pg.broadcast([moved], opts), [moved], y)
         return y
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
@@ -209,11 +227,11 @@ class GlooCommunicator:
         opts.rootRank = dst
         src = _as_bytes(x)
         if self.index != dst:
-            self._run("gather", lambda: self.pg.gather([], [src], opts), [src])
+            self._run("gather", lambda: self.pg.gather([], [src], opts), [src], x)
             return None
         out = self.buffers.empty((self.size, *x.shape), x.dtype)
         chunks = list(_as_bytes(out).unbind(0))
-        self._run("gather", lambda: self.pg.gather([chunks], [src], opts), [src, *chunks])
+        self._run("gather", lambda: self.pg.gather([chunks], [src], opts), [src, *chunks], x)
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
@@ -223,7 +241,8 @@ class GlooCommunicator:
         chunks = list(_as_bytes(x).unbind(0)) if self.index == src else []
         moved = _as_bytes(out)
         inputs = [chunks] if self.index == src else []
-        self._run("scatter", lambda: self.pg.scatter([moved], inputs, opts), [moved, *chunks])
+        tensors = [moved, *chunks]
+        self._run("scatter", lambda: self.pg.scatter([moved], inputs, opts), tensors, out)
         return out
 
     def all_to_all_dim0(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,10 +251,14 @@ class GlooCommunicator:
         return self.all_to_all(x)
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        return self._all_to_all(x, "all_to_all")
+
+    def _all_to_all(self, x: torch.Tensor, operation: str) -> torch.Tensor:
         out = self.buffers.empty_like(x)
         dst, src = _as_bytes(out), _as_bytes(x)
         options = dist.AllToAllOptions()
-        self._run("all_to_all", lambda: self.pg.alltoall_base(dst, src, [], [], options), [dst, src])
+        start = lambda: self.pg.alltoall_base(dst, src, [], [], options)  # noqa: E731
+        self._run(operation, start, [dst, src], x)
         return out
 
     def exchange(
@@ -243,6 +266,7 @@ class GlooCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
+        self.flight.record("send/recv")
         into = [(peer, _as_bytes(buf)) for peer, buf in recvs]
         out = [(peer, _as_bytes(t)) for peer, t in sends]
         tensors = [t for _, t in into + out]
@@ -258,7 +282,7 @@ class GlooCommunicator:
         self.handed.keep(tensors, before)
 
     def barrier(self) -> None:
-        self._run("barrier", lambda: self.pg.barrier(self._barrier_options), ())
+        self._run("barrier", lambda: self.pg.barrier(self._barrier_options), (), None)
 
     def close(self, abort: bool = False) -> None:
         self.buffers.clear()

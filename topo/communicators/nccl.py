@@ -35,6 +35,7 @@ from topo.communicators.nccl_setup import (
     unique_id_argument,
 )
 from topo.communicators.nccl_types import NCCL_DTYPES, NCCL_OPS, nccl_dtype
+from topo.communicators.recorder import FlightRecorder
 from topo.errors import (
     BackendUnavailableError,
     CommunicationError,
@@ -91,6 +92,8 @@ class NcclCommunicator:
         self._device_index = device.index if device.index is not None else 0
         self._async_error: str | None = None
         self._watchdog: tuple[threading.Thread, threading.Event] | None = None
+        #: This communicator's calls (see topo/communicators/recorder.py).
+        self.flight = FlightRecorder()
 
     @classmethod
     def create(
@@ -222,6 +225,7 @@ class NcclCommunicator:
     def all_reduce_into(self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor) -> torch.Tensor:
         """:meth:`all_reduce` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
         ``x`` itself)."""
+        self.flight.record("all_reduce", x)
         if x.device != self.device:
             self._check(x, "all_reduce")
         comm = self._comm or self._live()
@@ -244,6 +248,7 @@ class NcclCommunicator:
     def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """:meth:`all_gather` written into ``out``: contiguous, ``size * x.numel()`` elements
         of ``x``'s dtype, index ``i``'s ``x`` in block ``i`` (any shape with that layout)."""
+        self.flight.record("all_gather", x)
         if x.device != self.device:
             self._check(x, "all_gather")
         comm = self._comm or self._live()
@@ -268,6 +273,7 @@ class NcclCommunicator:
     ) -> torch.Tensor:
         """:meth:`reduce_scatter` written into ``out`` (contiguous, ``x.numel() // size``
         elements); block ``i`` of ``x``'s memory goes to index ``i``."""
+        self.flight.record("reduce_scatter", x)
         if x.device != self.device:
             self._check(x, "reduce_scatter")
         comm = self._comm or self._live()
@@ -283,6 +289,7 @@ class NcclCommunicator:
         return out
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        self.flight.record("broadcast", x)
         if x.device != self.device:
             self._check(x, "broadcast")
         comm = self._comm or self._live()
@@ -295,6 +302,7 @@ class NcclCommunicator:
         return y
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        self.flight.record("gather", x)
         self._check(x, "gather")
         count, code = self._moved(x)
         if self.index != dst:
@@ -313,6 +321,7 @@ class NcclCommunicator:
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        self.flight.record("scatter", x)
         self._check(x, "scatter")
         out = x.new_empty(x.shape[1:])
         count, code = self._moved(out)
@@ -337,6 +346,7 @@ class NcclCommunicator:
     def all_to_all_dim0(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of ``(size * k, ...)`` (or stacked ``(size, ...)``): block ``j`` of the result
         is index ``j``'s block ``index``; the result has ``x``'s shape."""
+        self.flight.record("all_to_all", x)
         if x.device != self.device:
             self._check(x, "all_to_all")
         out = torch.empty_like(x)
@@ -357,6 +367,7 @@ class NcclCommunicator:
     def all_gatherv_dim0(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """Every rank's ``x`` (index ``i`` has ``sizes[i]`` rows) concatenated along dim 0, in
         one group of sends and receives (this rank's part too: NCCL copies to itself)."""
+        self.flight.record("all_gatherv", x)
         if x.device != self.device:
             self._check(x, "all_gatherv")
         out = x.new_empty((sum(sizes), *x.shape[1:]))
@@ -385,6 +396,7 @@ class NcclCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
+        self.flight.record("send/recv")
         device = self.device
         for _, t in sends:
             if t.device != device:

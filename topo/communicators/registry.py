@@ -138,6 +138,8 @@ def _gloo(group: GroupSpec) -> Communicator:
         group.ranks,
         group.index,
         activation=group.coordinator.prefix,
+        label=group.label,
+        flights=group.coordinator.flights,
     )
     return GlooCommunicator(
         group.store,

@@ -23,15 +23,6 @@ __all__ = ["HANDSHAKE_SECONDS", "accept_readers", "client_handshake"]
 _MAGIC = b"TMQ1"
 
 
-def node_id() -> str:
-    """This machine's identity (host name and boot id): readers with the writer's id try its
-    shared memory; a failed attach falls back to the socket."""
-    boot = ""
-    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
-    return f"{socket.gethostname()}/{boot}"
-
-
 def local_address(master_addr: str, local: bool) -> str:
     """This host's address on the world's network: loopback for a single-node world, else
     the interface that routes to MASTER_ADDR."""

@@ -38,6 +38,7 @@ from topo.codec import decode, encode
 from topo.collectives._common import check_index
 from topo.errors import CommunicationError, CommunicationTimeout, TopoTypeError, TopoValueError
 from topo.mesh import Axis
+from topo.process_identity import node_id
 from topo.transport import _wire
 from topo.transport._links import (
     Attached,
@@ -45,7 +46,6 @@ from topo.transport._links import (
     attach,
     client_handshake,
     local_address,
-    node_id,
     recv_exact,
 )
 
