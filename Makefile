@@ -38,7 +38,7 @@ contract: $(STAMP)
 	TOPO_REQUIRE_CUPY=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cupy_contract.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check topo tests benchmarks
+	$(BIN)/ruff check topo tests benchmarks examples
 	$(BIN)/mypy topo
 
 plan: $(STAMP)

@@ -24,11 +24,13 @@ import torch.distributed as dist
 
 import topo
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # fsdp2_tp
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # fsdp2_tp, moe_ep
 
+import _all_to_allv_fns
 import _autograd_fns
 import _gpu_fns
 import _transport_fns
+import moe_ep
 
 #: The mesh both runs use (4 ranks).
 MESH = topo.DeviceMesh(dp=2, tp=2)
@@ -87,6 +89,29 @@ def v_collectives(device: str) -> dict[str, Any]:
             sizes = [1, 3] if n == 2 else [0, 1, 1, 2]
             rs = _transport_fns.rs_input(ctx.rank, 4).to(dev)
             out[f"rs/{key}/{op}"] = topo.reduce_scatterv(rs, axis, sizes, dim=0, op=op)
+    return _cpu(out)
+
+
+def uneven_all_to_all(device: str) -> dict[str, Any]:
+    """all_to_allv on both axes and the tuple, dims 0 and 1, dtypes moved as bytes, zero
+    sizes, sizes exchanged; a gradient; the MoE layer of examples/moe_ep.py both ways."""
+    ctx, dev = topo.current(), _dev(device)
+    fns = _all_to_allv_fns
+    out: dict[str, Any] = {}
+    for k, (name, axis, dim, dtype, table, given) in enumerate(fns.GLOO_CASES):
+        me = ctx.axis_index(axis)
+        x = fns.make_input(k, ctx.rank, fns.shape_for(fns.REST, dim, sum(table[me])), dtype)
+        recvs = fns.recv_sizes(table, me) if given else None
+        out[name] = topo.all_to_allv(x.to(dev), axis, table[me], recvs, dim=dim)
+    _, axis, dim, _, table, _ = fns.GLOO_CASES[3]
+    me = ctx.axis_index(axis)
+    shape = fns.shape_for(fns.REST, dim, sum(table[me]))
+    x = fns.make_input(3, ctx.rank, shape, torch.float64).to(dev).requires_grad_(True)
+    y = topo.all_to_allv(x, axis, table[me], dim=dim)
+    (y * fns.grad_weight(ctx.rank, tuple(y.shape)).to(dev)).sum().backward()
+    out["grad"] = x.grad
+    with ctx.view(moe_ep.MESH):  # dp × tp with the derived axis ep = ("dp", "tp")
+        out["moe"] = moe_ep.run_both(dev)
     return _cpu(out)
 
 
@@ -324,6 +349,7 @@ def watchdog(device: str) -> dict[str, Any]:
 PATHS: dict[str, Callable[[str], Any]] = {
     "collectives": collectives,
     "v-collectives": v_collectives,
+    "all_to_allv + MoE": uneven_all_to_all,
     "tensor dicts": tensor_dicts,
     "objects": objects,
     "weight transfer": weights,

@@ -151,6 +151,8 @@ def _calls(comm: nccl_mod.NcclCommunicator) -> dict[str, Callable[[], object]]:
         "all_to_all_dim0": lambda: comm.all_to_all_dim0(stacked),
         "all_gatherv_dim0": lambda: comm.all_gatherv_dim0(f32, [2, 1]),
         "all_gatherv_dim0 as bytes": lambda: comm.all_gatherv_dim0(f8, [5, 0]),
+        "all_to_allv_dim0": lambda: comm.all_to_allv_dim0(f32, [0, 2], [1, 3]),
+        "all_to_allv_dim0 as bytes": lambda: comm.all_to_allv_dim0(f8, [2, 3], [0, 1]),
     }
 
 
@@ -158,7 +160,8 @@ _COLLECTIVES = ["all_reduce", "all_reduce avg", "all_gather", "all_gather as byt
                 "reduce_scatter", "broadcast", "gather (root)", "gather (sender)", "scatter",
                 "all_to_all", "send/recv", "all_reduce_into", "all_gather_dim0",
                 "reduce_scatter_dim0", "all_to_all_dim0", "all_gatherv_dim0",
-                "all_gatherv_dim0 as bytes"]  # fmt: skip
+                "all_gatherv_dim0 as bytes", "all_to_allv_dim0",
+                "all_to_allv_dim0 as bytes"]  # fmt: skip
 
 
 @pytest.mark.parametrize("what", _COLLECTIVES)

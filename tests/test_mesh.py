@@ -4,6 +4,7 @@ and independent re-derivations of vLLM's and Megatron-LM's group layouts."""
 from __future__ import annotations
 
 import doctest
+import importlib
 import itertools
 import keyword
 import math
@@ -845,6 +846,12 @@ def test_module_doctests() -> None:
     result = doctest.testmod(topo.placement, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
     assert result.attempted >= 5
+    for name in ("topo.mesh_views", "topo.partition_spec"):
+        module = importlib.import_module(name)
+        result = doctest.testmod(
+            module, optionflags=doctest.ELLIPSIS, extraglobs={"DeviceMesh": DeviceMesh, "P": topo.P}
+        )
+        assert result.failed == 0 and result.attempted >= 5, module
 
 
 def test_placement_and_parse_mesh_are_still_importable_from_topo_mesh() -> None:

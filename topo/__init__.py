@@ -37,8 +37,10 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
     from topo.graphs import *  # noqa: F403
     from topo.interop import *  # noqa: F403
     from topo.launch import *  # noqa: F403
+    from topo.partition_spec import *  # noqa: F403
     from topo.rng import *  # noqa: F403
     from topo.simulation import *  # noqa: F403
+    from topo.spmd import *  # noqa: F403
     from topo.transport import *  # noqa: F403
     from topo.world import *  # noqa: F403
 
@@ -56,6 +58,8 @@ _LAZY_MODULES = (
     "topo.coordinator",
     "topo.collectives",
     "topo.rng",
+    "topo.partition_spec",
+    "topo.spmd",
     "topo.graphs",
     "topo.interop",
     "topo.transport",

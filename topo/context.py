@@ -13,7 +13,7 @@ find an activation again from another thread — is in ``topo.active``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ from topo.communicators.base import Communicator
 from topo.communicators.checked import CheckChannel, CheckedCommunicator
 from topo.communicators.registry import Backend, GroupSpec, describe, resolve_backends
 from topo.communicators.rollcall import publish_flights
-from topo.coordinator import Coordinator
+from topo.coordinator import Coordinator, group_id
 from topo.errors import (
     CommunicationError,
     TopoError,
@@ -106,6 +106,14 @@ class MeshContext:
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()
         }
+        for name, over in mesh.derived_axes.items():
+            self._axes[name] = (over, mesh.axis_size(over))
+        #: Every communicator of this activation and its views, by (group ranks, device type,
+        #: pair?): a view whose group coincides with one of the parent's shares it.
+        self._shared: dict[tuple[Any, ...], Communicator] = {}
+        #: The activation a view (:meth:`view`) belongs to; None for an activation itself.
+        self._root: MeshContext | None = None
+        self._views: list[MeshContext] = []
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "active"
@@ -145,6 +153,21 @@ class MeshContext:
         finally:
             _ACTIVE.reset(token)
 
+    def view(self, mesh: DeviceMesh) -> AbstractContextManager[MeshContext]:
+        """Activate ``mesh`` — another mesh over this activation's ranks, such as
+        ``ctx.mesh.unflatten("dp", rep=2, shard=2)`` — without a second rendezvous: it shares
+        this activation's store and every communicator whose group coincides (see
+        ``topo/view.py``). A context manager; the view is active inside the block.
+
+        Example::
+
+            with mesh.activate() as ctx, ctx.view(ctx.mesh.with_axes(ep=("dp", "tp"))):
+                y = topo.all_to_all(x, axis="ep")
+        """
+        from topo.view import open_view
+
+        return open_view(self, mesh)
+
     # ----------------------------------------------------------------- rank math
 
     def resolve(self, axis: Axis) -> tuple[tuple[str, ...], int]:
@@ -172,8 +195,9 @@ class MeshContext:
             ctx.has_axis(("dp", "tp"))   # True for DeviceMesh(dp=2, tp=2)
         """
         names = (axis,) if isinstance(axis, str) else axis
+        derived = self.mesh.derived_axes
         try:
-            return all(name in self.mesh.shape for name in names)
+            return all(name in self.mesh.shape or name in derived for name in names)
         except TypeError:
             return False
 
@@ -287,7 +311,14 @@ class MeshContext:
     def _cached(
         self, names: tuple[str, ...], device_type: str, pair: tuple[int, int] | None
     ) -> Communicator:
-        comm = self._create(names, device_type, pair)
+        ranks = self.mesh.group(names, self.rank)
+        if pair is not None:
+            ranks = (ranks[pair[0]], ranks[pair[1]])
+        key = (ranks, device_type, pair is not None)
+        comm = self._shared.get(key)
+        if comm is None:  # no view of this activation has this group yet
+            comm = self._create(names, device_type, pair)
+            self._shared[key] = comm
         self._communicators[(names, device_type, pair)] = comm
         return comm
 
@@ -308,14 +339,15 @@ class MeshContext:
         index = mesh.axis_index(names, rank)
         axis_label = names[0] if len(names) == 1 else names
         label = f"axis {axis_label!r} group {ranks}"
-        scope = self.coordinator.key(
-            "comm", device_type, ".".join(names), mesh.group_index(names, rank)
-        )
         if pair is not None:
             ranks = (ranks[pair[0]], ranks[pair[1]])
             index = pair.index(index)
             label = f"axis {axis_label!r} pair {ranks}"
-            scope = f"{scope}/pair{pair[0]}-{pair[1]}"
+        # named by its ranks, not its axis: every view of the activation finds the same keys
+        kind = "pair" if pair is not None else "group"
+        scope = self.coordinator.key(
+            "comm", device_type, kind, group_id(ranks, self.world.world_size)
+        )
         backend = self.backend(device_type)
         if self.check and not raw:
             channel = self._check_channel(names, pair)
@@ -348,12 +380,18 @@ class MeshContext:
         return comm
 
     def _check_channel(self, names: tuple[str, ...], pair: tuple[int, int] | None) -> CheckChannel:
-        """Check mode: the group's unwrapped CPU communicator that carries the records."""
-        channel = self._check_channels.get((names, pair))
+        """Check mode: the group's unwrapped CPU communicator that carries the records (one
+        per group of ranks that communicate, as the store scope of ``_create``: shared with
+        the activation's views, and by the axes whose group or pair has the same ranks)."""
+        ranks = self.mesh.group(names, self.rank)
+        if pair is not None:
+            ranks = (ranks[pair[0]], ranks[pair[1]])
+        key = (ranks, pair is not None)
+        channel = self._check_channels.get(key)
         if channel is None:
             axis = names[0] if len(names) == 1 else ",".join(names)
             channel = CheckChannel(lambda: self._create(names, "cpu", pair, True), axis)
-            self._check_channels[(names, pair)] = channel
+            self._check_channels[key] = channel
         return channel
 
     def close(self, abort: bool = False) -> None:
@@ -367,6 +405,13 @@ class MeshContext:
         if self._closed:
             return
         self._closed = True
+        if self._root is not None:  # a view: its communicators are the activation's
+            for callback in reversed(self._on_close):
+                callback(abort)
+            self._on_close.clear()
+            return
+        for view in self._views:
+            view.close(abort)
         # where this rank went, for a peer still waiting on it (after a failed collective its
         # roll call already said which call failed: that stays)
         if self.coordinator.flights and not (abort and self.coordinator.store.roll_calls):
@@ -386,11 +431,12 @@ class MeshContext:
                 callback(abort)
             self._on_close.clear()
             # Check mode wraps communicators (and keeps unwrapped CPU ones): close each once.
-            unwrapped = [getattr(c, "inner", c) for c in self._communicators.values()]
+            unwrapped = [getattr(c, "inner", c) for c in self._shared.values()]
             unwrapped += [ch._comm for ch in self._check_channels.values() if ch._comm]
             for comm in {id(c): c for c in unwrapped}.values():
                 comm.close(abort=abort)
             self._communicators.clear()
+            self._shared.clear()
             self._check_channels.clear()
 
     # ------------------------------------------------- torch interop (topo/interop.py)

@@ -14,10 +14,10 @@ arrive.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -240,7 +240,7 @@ class Coordinator:
             return self._barrier(name, members)
 
     def _barrier(self, name: str, members: tuple[int, ...]) -> str:
-        members_id = _ranks_id(members, self.world_size)
+        members_id = group_id(members, self.world_size)
         scope = f"barrier/{name}/{members_id}"
         base = self.key(scope, self._next_round(scope))
         self.store.set(f"{base}/arrived/{self.rank}", b"1")
@@ -315,7 +315,7 @@ class Coordinator:
             raise TopoValueError(
                 f"broadcast src requires a rank among {list(members)}, but got {src}"
             )
-        scope = f"bcast/{_ranks_id(members, self.world_size)}"
+        scope = f"bcast/{group_id(members, self.world_size)}"
         base = self.key(scope, self._next_round(scope))
         with _guard(f"{self.label}: broadcast from rank {src} on rank {self.rank}"):
             if self.rank == src:
@@ -353,7 +353,7 @@ class Coordinator:
                 f"first"
             ) from None
         with _guard(f"{self.label}: all_gather_json on rank {self.rank}"):
-            scope = f"gather/{_ranks_id(members, self.world_size)}"
+            scope = f"gather/{group_id(members, self.world_size)}"
             base = self.key(scope, self._next_round(scope))
             mine = f"{base}/{self.rank}"
             self.store.set(mine, encoded)
@@ -573,12 +573,20 @@ def _guard(what: str) -> Iterator[None]:
         ) from None
 
 
-def _ranks_id(members: tuple[int, ...], world_size: int) -> str:
+def group_id(members: tuple[int, ...], world_size: int) -> str:
+    """A short store-key name for a group of ranks: ``"all"``, ``"2-3"``, or for a large group
+    its first rank, size and a hash of the list.
+
+    Example::
+
+        group_id((2, 3), 8)   # '2-3'
+    """
     if len(members) == world_size and members == tuple(range(world_size)):
         return "all"
     if len(members) <= 8:
         return "-".join(map(str, members))
-    return f"{members[0]}+{len(members)}+{zlib.crc32(repr(members).encode()):08x}"
+    digest = hashlib.blake2b(repr(members).encode(), digest_size=8).hexdigest()
+    return f"{members[0]}+{len(members)}+{digest}"
 
 
 def _short(ranks: list[int]) -> str:

@@ -21,6 +21,7 @@ import attrs
 
 from topo._checks import as_axis_name, as_int
 from topo.errors import TopoTypeError, TopoValueError
+from topo.mesh_views import MeshViews, rebuild
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -46,7 +47,7 @@ def _format_sizes(names: Sequence[str], sizes: Sequence[int]) -> str:
 
 
 @attrs.frozen(init=False, repr=False)
-class DeviceMesh:
+class DeviceMesh(MeshViews):
     """An immutable grid of ranks with named axes, listed outermost first.
 
     The last axis varies fastest: ``DeviceMesh(dp=2, pp=2, tp=2)`` lays ranks out as NumPy's
@@ -72,6 +73,7 @@ class DeviceMesh:
     _positions: Mapping[str, int] = attrs.field(eq=False, hash=False)
     size: int = attrs.field(eq=False, hash=False)
     """Number of ranks: the product of the axis sizes."""
+    _derived: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __init__(self, /, **axes: int) -> None:
         if not axes:
@@ -80,7 +82,12 @@ class DeviceMesh:
             )
         self._setup(tuple(axes), tuple(axes.values()))
 
-    def _setup(self, names: tuple[str, ...], sizes: tuple[Any, ...]) -> None:
+    def _setup(
+        self,
+        names: tuple[str, ...],
+        sizes: tuple[Any, ...],
+        derived: tuple[tuple[str, tuple[str, ...]], ...] = (),
+    ) -> None:
         for name in names:
             as_axis_name(name, "DeviceMesh axis name")
         seen: set[str] = set()
@@ -114,7 +121,17 @@ class DeviceMesh:
             tuple(strides),
             MappingProxyType({n: i for i, n in enumerate(names)}),
             strides[0] * checked[0],
+            derived,
         )
+
+    @classmethod
+    def _make(
+        cls, sizes: Sequence[int], names: Sequence[str], derived: Mapping[str, tuple[str, ...]]
+    ) -> DeviceMesh:
+        """A mesh with derived axes (already checked: see ``MeshViews.with_axes``)."""
+        mesh = cls.__new__(cls)
+        mesh._setup(tuple(names), tuple(sizes), tuple(sorted(derived.items())))
+        return mesh
 
     @classmethod
     def from_shape(cls, shape: Sequence[int], names: Sequence[str]) -> DeviceMesh:
@@ -156,6 +173,17 @@ class DeviceMesh:
         return MappingProxyType(dict(zip(self.axis_names, self.axis_sizes, strict=True)))
 
     @property
+    def derived_axes(self) -> Mapping[str, tuple[str, ...]]:
+        """Read-only mapping of each derived axis (:meth:`with_axes`) to the axes it stands for.
+
+        Example::
+
+            >>> dict(DeviceMesh(dp=2, tp=2).with_axes(ep=("dp", "tp")).derived_axes)
+            {'ep': ('dp', 'tp')}
+        """
+        return MappingProxyType(dict(self._derived))
+
+    @property
     def ndim(self) -> int:
         """Number of axes.
 
@@ -168,12 +196,15 @@ class DeviceMesh:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.axis_sizes, strict=True))
-        return f"DeviceMesh({parts})"
+        derived = ", ".join(f"{a}={over!r}" for a, over in self._derived)
+        return f"DeviceMesh({parts})" + (f".with_axes({derived})" if derived else "")
 
     def __str__(self) -> str:
         return _format_sizes(self.axis_names, self.axis_sizes)
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self._derived:
+            return (rebuild, (self.axis_sizes, self.axis_names, self._derived))
         return (DeviceMesh.from_shape, (self.axis_sizes, self.axis_names))
 
     # ------------------------------------------------------------ validation
@@ -187,12 +218,18 @@ class DeviceMesh:
         try:
             return self._positions[axis]
         except KeyError:
+            if axis in self.derived_axes:
+                raise TopoValueError(
+                    f"this requires one axis of mesh {self}, but {axis!r} is a derived axis "
+                    f"(= {self.derived_axes[axis]}); name one of {self._valid_axes(False)}"
+                ) from None
             raise TopoValueError(
                 f"unknown axis {axis!r}: mesh {self} has axes {self._valid_axes()}"
             ) from None
 
-    def _valid_axes(self) -> str:
-        return ", ".join(repr(n) for n in self.axis_names)
+    def _valid_axes(self, derived: bool = True) -> str:
+        names = [*self.axis_names, *(a for a, _ in self._derived)] if derived else self.axis_names
+        return ", ".join(repr(n) for n in names)
 
     def normalize_axis(self, axis: Axis) -> tuple[str, ...]:
         """Validate ``axis`` and return its names as a tuple in mesh order (outermost first).
@@ -208,6 +245,10 @@ class DeviceMesh:
 
     def _positions_of(self, axis: Axis) -> tuple[int, ...]:
         if isinstance(axis, str):
+            if self._derived and axis not in self._positions:
+                over = self.derived_axes.get(axis)
+                if over is not None:
+                    return tuple(sorted(self._positions[a] for a in over))
             return (self._axis_position(axis),)
         if not isinstance(axis, (tuple, list)):
             raise TopoTypeError(
@@ -218,7 +259,10 @@ class DeviceMesh:
             raise TopoValueError(
                 f"axis requires at least one name from {self._valid_axes()}, but got {axis!r}"
             )
-        positions = [self._axis_position(a) for a in axis]
+        if self._derived:
+            positions = [p for a in axis for p in self._positions_of(a)]
+        else:
+            positions = [self._axis_position(a) for a in axis]
         if len(set(positions)) != len(positions):
             raise TopoValueError(f"axis requires distinct names, but got {tuple(axis)!r}")
         return tuple(sorted(positions))
@@ -485,46 +529,6 @@ class DeviceMesh:
         return self.axis_index(axis, rank) == self.axis_size(axis) - 1
 
     # ----------------------------------------------------------- derived meshes
-
-    def submesh(self, *axes: str) -> DeviceMesh:
-        """The mesh of some axes alone, in mesh order.
-
-        Rank ``i`` of the sub-mesh is index ``i`` of :meth:`group` over the same axes, so
-        ``mesh.group(axes, r)[i]`` is the global rank of sub-mesh rank ``i`` in ``r``'s copy.
-
-        Example::
-
-            >>> DeviceMesh(dp=2, pp=2, tp=2).submesh("tp", "dp")
-            DeviceMesh(dp=2, tp=2)
-        """
-        positions = self._positions_of(axes)
-        return DeviceMesh.from_shape(
-            [self.axis_sizes[p] for p in positions], [self.axis_names[p] for p in positions]
-        )
-
-    def flatten(self, axes: Sequence[str], name: str) -> DeviceMesh:
-        """Merge adjacent ``axes`` into one axis called ``name``; every rank keeps its number.
-
-        Example::
-
-            >>> DeviceMesh(dp=2, pp=2, tp=2).flatten(("pp", "tp"), "mp")
-            DeviceMesh(dp=2, mp=4)
-        """
-        positions = self._positions_of(axes)
-        if positions != tuple(range(positions[0], positions[-1] + 1)):
-            raise TopoValueError(
-                f"flatten requires adjacent axes so that ranks keep their numbers, but got "
-                f"{tuple(axes)} in mesh {self}; use group({tuple(axes)}, rank) to treat "
-                f"non-adjacent axes as one"
-            )
-        as_axis_name(name, "flatten name")
-        names = list(self.axis_names)
-        sizes = list(self.axis_sizes)
-        merged = math.prod(sizes[p] for p in positions)
-        del names[positions[0] : positions[-1] + 1], sizes[positions[0] : positions[-1] + 1]
-        names.insert(positions[0], name)
-        sizes.insert(positions[0], merged)
-        return DeviceMesh.from_shape(sizes, names)
 
     def placement(self, ranks_per_node: int) -> Placement:
         """Node placement when each node holds ``ranks_per_node`` consecutive ranks.

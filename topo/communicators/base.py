@@ -19,7 +19,10 @@ A communicator may also serve the collectives' fast paths, which they look up wi
 - ``all_to_all_dim0(x)``: ``x`` of ``(size * k, ...)``; block ``j`` of the result came from
   index ``j``;
 - ``all_gatherv_dim0(x, sizes)``: every rank's ``x`` (``sizes[i]`` rows from index ``i``)
-  concatenated along dim 0.
+  concatenated along dim 0;
+- ``all_to_allv_dim0(x, send_sizes, recv_sizes)``: rows ``send_sizes[j]`` of ``x`` to index
+  ``j``; the result stacks the ``recv_sizes[i]`` rows from each index ``i`` in index order
+  (without it, ``topo/communicators/alltoallv.py`` runs one batch of ``exchange``).
 
 They save the reshapes and copies of the general path; without them the collectives use the
 protocol below.

@@ -9,7 +9,9 @@ Every rank sees the same records, so on a mismatch every rank of the group raise
 :class:`topo.CollectiveMismatchError` naming the ranks and the differing fields, instead of
 a crash inside gloo, a hang or silently wrong values. Point-to-point exchanges (send/recv,
 ppermute, shift) swap records with each peer instead, counted per peer, since the rest of the
-group may not take part; both ends of a mismatched pair raise. The record's content never
+group may not take part: what each end sends against what the other expects, so both ends of
+a mismatched pair raise. The uneven all-to-all also all-gathers every rank's send and receive
+sizes and checks them pairwise. The record's content never
 depends on tensor values, and the check touches no collective: it lives in the communicator
 layer.
 
@@ -25,12 +27,13 @@ from typing import Any
 
 import torch
 
+from topo.communicators.alltoallv import all_to_allv_dim0, sizes_mismatch
 from topo.communicators.base import REDUCE_OPS, Communicator, ReduceOp
 from topo.errors import CollectiveMismatchError
 
 __all__ = ["CheckChannel", "CheckedCommunicator", "mismatch_message"]
 
-#: A value that matches anything (a rank with no tensor in a point-to-point exchange).
+#: A value that matches anything (a record with no tensor, as a barrier's).
 ANY = "(any)"
 
 OPERATIONS = (
@@ -43,6 +46,7 @@ OPERATIONS = (
     "all_to_all",
     "exchange",
     "barrier",
+    "all_to_allv",
 )
 _DTYPE_NAMES = (
     "float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64",
@@ -229,6 +233,36 @@ class CheckChannel:
         if message is not None:
             raise CollectiveMismatchError(f"check mode: {message}")
 
+    def check_all_to_allv(
+        self,
+        device_type: str,
+        x: torch.Tensor,
+        send_sizes: Sequence[int],
+        recv_sizes: Sequence[int],
+    ) -> None:
+        """The uneven all-to-all: :meth:`check`'s record (its shape without the rows, which
+        differ by design), then, once the ranks agree on it, every rank's sizes in a second
+        small all-gather; on sizes that disagree pairwise (index ``i``'s ``send_sizes[j]``
+        against index ``j``'s ``recv_sizes[i]``) every rank of the group raises."""
+        comm = self.comm
+        record = encode(self.seq, "all_to_allv", self.axis, device_type, x.narrow(0, 0, 0))
+        self.seq += 1
+        records = []
+        for row in comm.all_gather(record).tolist():
+            fields = decode(row, self.axis)
+            shape = fields.pop("shape", None)
+            fields["row shape"] = shape[1:] if isinstance(shape, tuple) else shape
+            records.append(fields)
+        message = mismatch_message("all_to_allv", comm.label, comm.ranks, records)
+        if message is not None:
+            raise CollectiveMismatchError(f"check mode: {message}")
+        n = len(send_sizes)
+        table = comm.all_gather(torch.tensor([*send_sizes, *recv_sizes], dtype=torch.int64))
+        rows = table.tolist()
+        sends, recvs = [row[:n] for row in rows], [row[n:] for row in rows]
+        message = sizes_mismatch("all_to_allv", comm.label, comm.ranks, sends, recvs)
+        if message is not None:
+            raise CollectiveMismatchError(f"check mode: {message}")
 
     def check_exchange(
         self,
@@ -237,26 +271,56 @@ class CheckChannel:
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
         """Point-to-point: swap records with each peer only (the rest of the group may not
-        take part), counted per peer; both ends of a mismatched pair raise."""
-        tensors = {peer: t for peer, t in [*reversed(recvs), *reversed(sends)]}
-        if not tensors:
+        take part), counted per peer: what this rank sends the peer and what it expects from
+        it. A send the peer does not expect in that shape and dtype, or does not expect at
+        all while it exchanges something else with this rank, raises at both ends of the
+        pair; a peer that exchanges nothing with this rank swaps no record (the exchange then
+        times out naming it, as without check mode)."""
+        sent = {peer: t for peer, t in reversed(sends)}
+        expected = {peer: t for peer, t in reversed(recvs)}
+        peers = sorted(set(sent) | set(expected))
+        if not peers:
             return
         comm = self.comm
         mine, theirs = [], []
-        for peer in sorted(tensors):
+        for peer in peers:
             seq = self._p2p_seq.get(peer, 0)
             self._p2p_seq[peer] = seq + 1
-            record = encode(seq, "exchange", self.axis, device_type, tensors[peer])
+            out = encode(seq, "exchange", self.axis, device_type, sent.get(peer))
+            into = encode(seq, "exchange", self.axis, device_type, expected.get(peer))
+            record = torch.cat([out, into])
             mine.append((peer, record))
             theirs.append((peer, torch.empty_like(record)))
         comm.exchange(mine, theirs)
+        me = comm.index
         for (peer, record), (_, got) in zip(mine, theirs, strict=True):
-            pair = sorted([(comm.index, record), (peer, got)], key=lambda item: item[0])
-            records = [decode(r.tolist(), self.axis) for _, r in pair]
-            ranks = [comm.ranks[i] for i, _ in pair]
-            message = mismatch_message("send/recv", comm.label, ranks, records)
-            if message is not None:
-                raise CollectiveMismatchError(f"check mode: {message}")
+            mine_out, mine_in = _p2p_fields(record, self.axis)
+            their_out, their_in = _p2p_fields(got, self.axis)
+            directions = [(me, peer, mine_out, their_in), (peer, me, their_out, mine_in)]
+            directions.sort(key=lambda d: comm.ranks[d[0]])  # both ends report the same first
+            for src, dst, a, b in directions:
+                ranks = (comm.ranks[src], comm.ranks[dst])
+                records = (a, b) if ranks[0] < ranks[1] else (b, a)
+                message = mismatch_message(
+                    f"send/recv (rank {ranks[0]} to rank {ranks[1]})",
+                    comm.label,
+                    sorted(ranks),
+                    records,
+                )
+                if message is not None:
+                    raise CollectiveMismatchError(f"check mode: {message}")
+
+
+def _p2p_fields(record: torch.Tensor, axis: str) -> tuple[dict[str, object], dict[str, object]]:
+    """A peer's two point-to-point records (what it sends, what it expects) as fields; no
+    tensor reads ``nothing`` there (it must meet no tensor on the other end)."""
+    halves = []
+    for row in (record[:RECORD_SIZE].tolist(), record[RECORD_SIZE:].tolist()):
+        fields = decode(row, axis)
+        if fields.get("shape") == ANY:
+            fields["shape"] = fields["dtype"] = "nothing"
+        halves.append(fields)
+    return halves[0], halves[1]
 
 
 class CheckedCommunicator:
@@ -325,6 +389,13 @@ class CheckedCommunicator:
     ) -> None:
         self.channel.check_exchange(self.device_type, sends, recvs)
         self.inner.exchange(sends, recvs)
+
+    def all_to_allv_dim0(
+        self, x: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """The uneven all-to-all, checked first (:meth:`CheckChannel.check_all_to_allv`)."""
+        self.channel.check_all_to_allv(self.device_type, x, send_sizes, recv_sizes)
+        return all_to_allv_dim0(self.inner, x, send_sizes, recv_sizes)
 
     def barrier(self) -> None:
         self._check("barrier", None)

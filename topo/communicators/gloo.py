@@ -261,6 +261,21 @@ class GlooCommunicator:
         self._run(operation, start, [dst, src], x)
         return out
 
+    def all_to_allv_dim0(
+        self, x: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """``x`` laid along dim 0, ``send_sizes[j]`` rows for index ``j``; the result stacks
+        the ``recv_sizes[i]`` rows from each index ``i`` (gloo's all-to-all with split sizes)."""
+        out = self.buffers.empty((sum(recv_sizes), *x.shape[1:]), x.dtype)
+        if out.dim() > 1 and out.shape[1:].numel() == 0:
+            return out  # rows of no elements: nothing to move (the same row shape everywhere)
+        dst, src = _as_bytes(out), _as_bytes(x)
+        splits_in, splits_out = list(send_sizes), list(recv_sizes)
+        options = dist.AllToAllOptions()
+        start = lambda: self.pg.alltoall_base(dst, src, splits_out, splits_in, options)  # noqa: E731
+        self._run("all_to_allv", start, [dst, src], x)
+        return out
+
     def exchange(
         self,
         sends: Sequence[tuple[int, torch.Tensor]],

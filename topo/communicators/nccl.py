@@ -391,6 +391,38 @@ class NcclCommunicator:
         self._grouped("all_gatherv", move)
         return out
 
+    def all_to_allv_dim0(
+        self, x: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """``x`` laid along dim 0, ``send_sizes[j]`` rows for index ``j``; the result stacks
+        the ``recv_sizes[i]`` rows from each index ``i``: one group of sends and receives
+        (this rank's own block too: NCCL copies to itself); empty blocks move nothing."""
+        self.flight.record("all_to_allv", x)
+        if x.device != self.device:
+            self._check(x, "all_to_allv")
+        out = x.new_empty((sum(recv_sizes), *x.shape[1:]))
+        row_elements = math.prod(x.shape[1:])
+        if row_elements == 0:
+            return out  # rows of no elements: nothing to move (the same row shape everywhere)
+        code = _CODES.get(x.dtype)
+        per_row = row_elements if code is not None else row_elements * x.element_size()
+        code = _UINT8 if code is None else code
+        row_bytes = row_elements * x.element_size()
+        sent, received = x.data_ptr(), out.data_ptr()
+
+        def move(comm: Any, stream: int) -> None:
+            send_at = recv_at = 0
+            for peer, (rows_out, rows_in) in enumerate(zip(send_sizes, recv_sizes, strict=True)):
+                if rows_out:
+                    comm.send(sent + send_at, rows_out * per_row, code, peer, stream)
+                if rows_in:
+                    comm.recv(received + recv_at, rows_in * per_row, code, peer, stream)
+                send_at += rows_out * row_bytes
+                recv_at += rows_in * row_bytes
+
+        self._grouped("all_to_allv", move)
+        return out
+
     def exchange(
         self,
         sends: Sequence[tuple[int, torch.Tensor]],

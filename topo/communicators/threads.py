@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import topo._dist as dist
+from topo.communicators.alltoallv import sizes_mismatch
 from topo.communicators.base import ReduceOp
 from topo.communicators.checked import mismatch_message
 from topo.communicators.registry import GroupSpec
@@ -359,6 +360,8 @@ class ThreadsCommunicator:
             return
         try:
             slot.outputs = outputs(slot.values)
+        except CollectiveMismatchError as error:  # found while combining (all_to_allv sizes)
+            slot.error = (CollectiveMismatchError, str(error))
         except Exception as error:  # a torch error while combining: every rank reports it
             slot.error = (
                 CommunicationError,
@@ -440,6 +443,30 @@ class ThreadsCommunicator:
             return [torch.stack([v[i] for v in values]) for i in range(len(values))]
 
         out: torch.Tensor = self._run("all_to_all", x, self._record(x), outputs)
+        return out
+
+    def all_to_allv_dim0(
+        self, x: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """The uneven all-to-all (see ``topo/communicators/alltoallv.py``); sizes that
+        disagree between two ranks are a :class:`topo.CollectiveMismatchError` on every rank
+        of the group (gloo would abort)."""
+        ranks, label = self.ranks, self.label
+
+        def outputs(values: list[tuple[torch.Tensor, list[int], list[int]]]) -> list[torch.Tensor]:
+            sends, recvs = [v[1] for v in values], [v[2] for v in values]
+            message = sizes_mismatch("all_to_allv", label, ranks, sends, recvs)
+            if message is not None:
+                raise CollectiveMismatchError(message)
+            parts = [torch.split(v[0], s) for v, s in zip(values, sends, strict=True)]
+            return [torch.cat([p[j] for p in parts]) for j in range(len(values))]
+
+        record: dict[str, object] = {
+            "row shape": tuple(x.shape[1:]),
+            "dtype": str(x.dtype).removeprefix("torch."),
+        }
+        value = (x, list(send_sizes), list(recv_sizes))
+        out: torch.Tensor = self._run("all_to_allv", value, record, outputs)
         return out
 
     def barrier(self) -> None:

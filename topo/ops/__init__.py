@@ -29,6 +29,9 @@ OP_NAMES = (
     "chunk",
     "unchunk",
     "all_to_all",
+    "all_to_allv",
+    "all_gatherv",
+    "reduce_scatterv",
     "ppermute",
     "not_differentiable",
 )
@@ -39,12 +42,14 @@ _MODULES = (
     "all_gather",
     "all_reduce",
     "all_to_all",
+    "all_to_allv",
     "broadcast",
     "gather",
     "no_grad",
     "ppermute",
     "reduce_scatter",
     "scatter",
+    "uneven",
 )
 
 

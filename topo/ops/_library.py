@@ -50,7 +50,7 @@ def group_of(axis: Axis, operation: str) -> tuple[str, int, int]:
 
 
 #: The op module ``topo.ops.load`` imports last: once it is loaded, every op is registered.
-_LAST_OP_MODULE = "topo.ops.scatter"
+_LAST_OP_MODULE = "topo.ops.uneven"
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.6 s)
