@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import _spawn_fns  # noqa: F401  (tests/ on sys.path for spawn's pickling)
@@ -370,3 +371,10 @@ def test_partition_spec_is_a_value() -> None:
     assert pickle.loads(pickle.dumps(spec)) == spec and hash(spec) == hash(pickle.loads(pickle.dumps(spec)))
     assert spec.axes == ("dp", "tp", "sp") and spec.dim_axes(2) == ("tp", "sp") and spec.dim_axes(5) == ()
     assert repr(P(("tp",))) == "P('tp')" and P() == ()
+
+
+def test_the_first_example_of_the_docs_runs_verbatim() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "shard_map.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "topo.simulate" in block  # the example that runs itself
+    exec(compile(block, "docs/shard_map.md", "exec"), {"__name__": "docs_example"})

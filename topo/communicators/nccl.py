@@ -89,6 +89,7 @@ class NcclCommunicator:
         self.label = label
         self.timeout = timeout
         self._native_avg = int(nccl.get_version()) >= 21000
+        self._codes: dict[tuple[torch.dtype, str], tuple[int, int, bool]] = {}
         self._device_index = device.index if device.index is not None else 0
         self._async_error: str | None = None
         self._watchdog: tuple[threading.Thread, threading.Event] | None = None
@@ -205,7 +206,14 @@ class NcclCommunicator:
 
     def _reduce_codes(self, x: torch.Tensor, op: ReduceOp) -> tuple[int, int, bool]:
         """``(dtype code, op code, native)`` for reducing ``x``; ``native`` is False where
-        NCCL has no ``avg`` (< 2.10): sum, then divide."""
+        NCCL has no ``avg`` (< 2.10): sum, then divide. Remembered per (dtype, op)."""
+        key = (x.dtype, op)
+        codes = self._codes.get(key)
+        if codes is None:
+            codes = self._codes[key] = self._find_reduce_codes(x, op)
+        return codes
+
+    def _find_reduce_codes(self, x: torch.Tensor, op: ReduceOp) -> tuple[int, int, bool]:
         code = _CODES.get(x.dtype)
         if code is None:
             code = nccl_dtype(x.dtype, True)  # raises: NCCL cannot reduce this dtype
@@ -239,11 +247,12 @@ class NcclCommunicator:
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        return self.all_gather_into(x, x.new_empty((self.size, *x.shape)))
+        return self.all_gather_into(x, x.new_empty(self.size, *x.shape))
 
     def all_gather_dim0(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` concatenated along dim 0: ``(size * x.shape[0], ...)``."""
-        return self.all_gather_into(x, x.new_empty((self.size * x.shape[0], *x.shape[1:])))
+        shape = x.shape  # sizes as separate ints: torch parses them faster than a tuple
+        return self.all_gather_into(x, x.new_empty(self.size * shape[0], *shape[1:]))
 
     def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """:meth:`all_gather` written into ``out``: contiguous, ``size * x.numel()`` elements
@@ -266,7 +275,7 @@ class NcclCommunicator:
         """``x`` of ``(size * k, ...)``: the reduction of every rank's block ``index`` of ``k``
         rows."""
         rows = x.shape[0] // self.size
-        return self.reduce_scatter_into(x, op, x.new_empty((rows, *x.shape[1:])))
+        return self.reduce_scatter_into(x, op, x.new_empty(rows, *x.shape[1:]))
 
     def reduce_scatter_into(
         self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor
@@ -308,7 +317,7 @@ class NcclCommunicator:
         if self.index != dst:
             self._grouped("gather", lambda c, s: c.send(x.data_ptr(), count, code, dst, s))
             return None
-        out = x.new_empty((self.size, *x.shape))
+        out = x.new_empty(self.size, *x.shape)
         base, step = out.data_ptr(), x.nbytes
 
         def receive(comm: Any, stream: int) -> None:
