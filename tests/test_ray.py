@@ -112,6 +112,23 @@ def test_doctests_of_the_pure_modules() -> None:
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
+def test_the_blame_follows_the_chain_of_waits_to_the_cause() -> None:
+    from topo.ray.collect import _raise_cause
+
+    # rank 0 waited for rank 2 in a dp call; rank 2 waited for rank 3 in a tp call
+    errors = {
+        0: ("CommunicationTimeout: all_reduce on dp", "trace 0", [2]),
+        2: ("CommunicationTimeout: all_reduce on tp", "trace 2", [3]),
+    }
+    with pytest.raises(topo.RankFailedError) as caught:
+        _raise_cause(topo.DeviceMesh(dp=2, tp=2), "MeshActors.run(step)", errors, {})
+    assert caught.value.rank == 3
+    assert str(caught.value).startswith(
+        "rank 3 of DeviceMesh(dp=2, tp=2) is the cause in MeshActors.run(step), as rank 2 "
+        "found: CommunicationTimeout: all_reduce on tp\n(rank 3: it raised nothing)"
+    )
+
+
 def test_rank_state_outside_a_rank_says_where_it_works() -> None:
     with pytest.raises(topo.TopoValueError, match=r"inside a topo\.ray rank"):
         topo.ray.rank_state()

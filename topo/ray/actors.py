@@ -80,7 +80,10 @@ class MeshRun:
 
     def result(self, timeout: float | None = None) -> list[Any]:
         """The per-rank results in rank order, waiting at most ``timeout`` seconds (None: as
-        long as the ranks run; an actor that dies still ends the wait at once).
+        long as the ranks run; an actor that dies still ends the wait at once). Unlike
+        ``Future.result``, a timeout is final: it stops every actor (a rank that has not
+        answered by then is taken as stuck) and raises :class:`topo.RankFailedError`; poll
+        with :meth:`done` instead.
 
         Example::
 

@@ -87,6 +87,10 @@ def collect(
             rank = pending.pop(ref)
             try:
                 reply = ray.get(ref, timeout=max(step, 1.0))
+            except _unavailable(ray) as error:  # alive, perhaps, but out of reach
+                died[rank] = f"unreachable, not known to be dead: {death_reason(error)}"
+                settle_until = time.monotonic()
+                continue
             except ray.exceptions.RayActorError as error:
                 died[rank] = death_reason(error)
                 settle_until = time.monotonic()  # the cause is known
@@ -107,6 +111,13 @@ def collect(
     if errors or died:
         _raise_cause(mesh, what, errors, died)
     return [results[r] for r in range(len(refs))]
+
+
+def _unavailable(ray: Any) -> type[BaseException] | tuple[()]:
+    """Ray's error for an actor it cannot reach for now (a subclass of ``RayActorError``, Ray
+    >= 2.22; ``()`` before, which catches nothing)."""
+    found: type[BaseException] | None = getattr(ray.exceptions, "ActorUnavailableError", None)
+    return () if found is None else found
 
 
 def _ray_error(error: BaseException) -> tuple[str, str, list[int]]:
@@ -131,29 +142,38 @@ def _raise_cause(
 ) -> NoReturn:
     """Blame the cause, not the first to notice: a dead actor, then a rank with an error of
     its own, then the rank the survivors' roll calls name, then the lowest rank."""
-    from topo.launch import _PEER_ERRORS, _most_blamed
+    from topo.launch import _PEER_ERRORS, _follow_blame, _most_blamed
 
     others = "; ".join(f"rank {r}: {errors[r][0].splitlines()[0][:160]}" for r in sorted(errors))
     seen = f"; what the other ranks saw — {others}" if others else ""
     if died:
         rank = min(died)
+        how = (
+            "could not be reached" if died[rank].startswith("unreachable") else
+            "died"
+        )  # fmt: skip
         raise RankFailedError(
-            f"rank {rank} of {mesh!r} died in {what}: its Ray actor is gone — {died[rank]}; "
+            f"rank {rank} of {mesh!r} {how} in {what}: its Ray actor is gone — {died[rank]}; "
             f"the other ranks were stopped{seen}",
             rank=rank,
         )
     own = [r for r, (text, _, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
     blamed = _most_blamed(errors)
+    witness = None
+    if not own and blamed is not None:
+        # rank 0 waited for rank 2, which itself waited for rank 3: the cause is rank 3
+        witness, blamed = _follow_blame(errors, blamed)
     if own:
         rank = min(own)
-    elif blamed is not None and blamed in errors:
-        rank = blamed
-    elif blamed is not None:
-        witness = min(r for r, (_, _, named) in errors.items() if blamed in named)
+    elif blamed is not None and witness is not None:
         text, trace, _ = errors[witness]
+        if blamed in errors:
+            state = f"it raised {errors[blamed][0].splitlines()[0][:300]}"
+        else:
+            state = "it raised nothing"
         raise RankFailedError(
             f"rank {blamed} of {mesh!r} is the cause in {what}, as rank {witness} found: "
-            f"{text}\n--- traceback of rank {witness} ---\n{trace}",
+            f"{text}\n(rank {blamed}: {state})\n--- traceback of rank {witness} ---\n{trace}",
             rank=blamed,
             remote_traceback=trace,
         )

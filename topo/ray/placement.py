@@ -202,19 +202,30 @@ def place(plan: RayPlan, timeout: float, name: str = "") -> Any:
 
     start = time.monotonic()
     group = placement_group(list(plan.bundles), strategy=plan.strategy, name=name)
+    try:
+        return _wait_placed(ray, group, plan, timeout, start)
+    except BaseException:  # a timeout, Ctrl-C, a warning made an error: leave no group behind
+        remove_placement_group(group)
+        raise
+
+
+def _wait_placed(ray: Any, group: Any, plan: RayPlan, timeout: float, start: float) -> Any:
     if not group.wait(0):
         short = _shortfall(plan, _node_totals(ray))
         if short is not None:  # say so now, not after the whole timeout
+            more = (
+                "nodes with more GPUs (or fewer ranks_per_node)"
+                if "GPU" in plan.rank_resources
+                else f"more resources, e.g. ray.init(num_cpus={plan.placement.mesh.size})"
+            )
             warnings.warn(
                 f"topo.ray: {short}; waiting up to {timeout:.0f} s for nodes to join (an "
                 f"autoscaler may add them), then RendezvousTimeout. Fix by starting Ray with "
-                f"more resources, e.g. ray.init(num_cpus={plan.placement.mesh.size}), or by "
-                f"lowering resources_per_rank/num_gpus",
+                f"{more}, or by lowering resources_per_rank/num_gpus",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
     if not group.wait(max(1, math.ceil(timeout - (time.monotonic() - start)))):
-        remove_placement_group(group)
         try:
             free = ray.available_resources()
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))

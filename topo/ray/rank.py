@@ -177,12 +177,10 @@ class RankActor:
             import ray
 
             device = None
-            local = world.local_rank
             if use_gpu:
                 from topo.ray.devices import gpu_device
 
                 device = gpu_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-                local = device  # code that picks cuda:{LOCAL_RANK} finds Ray's GPU
             from topo.secret import SPAWN_SECRET_VARIABLE
 
             # This actor's process is this rank's alone: its environment says who it is, as a
@@ -191,7 +189,7 @@ class RankActor:
                 {
                     "RANK": str(world.rank),
                     "WORLD_SIZE": str(world.world_size),
-                    "LOCAL_RANK": str(local),
+                    "LOCAL_RANK": str(world.local_rank),  # the index on the node, as torchrun
                     "LOCAL_WORLD_SIZE": str(world.local_world_size),
                     "MASTER_ADDR": world.master_addr,
                     "MASTER_PORT": str(world.master_port),
@@ -240,7 +238,15 @@ class RankActor:
             return ("ok", None)
         session.jobs.put(None)
         try:
-            session.finished.result(timeout)
+            try:
+                session.finished.result(timeout)
+            except FutureTimeout:
+                raise RendezvousTimeout(
+                    f"rank {self.rank} requires its function to return and every rank to "
+                    f"leave {self.mesh!r} within {timeout:g} s to close, but it is still "
+                    f"running or waiting for the others; collect every submitted call before "
+                    f"close(), or give close() a longer timeout"
+                ) from None
             return ("ok", None)
         except BaseException as error:
             return _error(error)
@@ -249,5 +255,6 @@ class RankActor:
             self._store = None
 
     def ping(self) -> Reply:
-        """Reply at once: the actor is alive."""
+        """Reply that the actor is alive (after the call it is running, if any: an actor
+        runs one call at a time)."""
         return ("ok", (os.getpid(), time.monotonic()))
