@@ -78,13 +78,17 @@ def recv(
             f"topo.recv shape requires a sequence of ints like (4, 1024), but got "
             f"{type(shape).__name__} {shape!r}"
         )
-    dims = tuple(as_int(d, "topo.recv shape", minimum=0) for d in shape)
-    try:
-        place = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise TopoValueError(
-            f"topo.recv device requires a device like 'cpu' or 'cuda:0', but got {device!r}"
-        ) from None
+    dims = shape if _plain_dims(shape) else _checked_dims(shape)
+    if isinstance(device, torch.device):
+        place = device
+    else:
+        try:
+            place = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise TopoValueError(
+                f"topo.recv device requires a device like 'cpu' or 'cuda:0', but got "
+                f"{device!r}"
+            ) from None
     kind = place.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(
@@ -98,10 +102,27 @@ def recv(
     buffer: torch.Tensor
     if pool is not None and kind == "cpu":
         buffer = pool.empty(dims, dtype)
+    elif dims:  # sizes as separate ints: torch parses them faster than a tuple
+        buffer = torch.empty(*dims, dtype=dtype, device=place)
     else:
-        buffer = torch.empty(dims, dtype=dtype, device=place)
+        buffer = torch.empty((), dtype=dtype, device=place)
     comm.exchange([], [(1 - comm.index, buffer)])
     return buffer
+
+
+def _plain_dims(shape: Sequence[int]) -> bool:
+    """Whether ``shape`` is a tuple (or torch.Size) of non-negative plain ints (the common
+    case, checked without building a new tuple)."""
+    if type(shape) is not tuple and type(shape) is not torch.Size:
+        return False
+    for d in shape:  # noqa: SIM110  (a loop: faster than all() over a generator)
+        if type(d) is not int or d < 0:
+            return False
+    return True
+
+
+def _checked_dims(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(as_int(d, "topo.recv shape", minimum=0) for d in shape)
 
 
 def _check_perm(perm: object, n: int, axis: Axis) -> list[tuple[int, int]]:

@@ -252,6 +252,8 @@ class NcclCommunicator:
     def all_gather_dim0(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` concatenated along dim 0: ``(size * x.shape[0], ...)``."""
         shape = x.shape  # sizes as separate ints: torch parses them faster than a tuple
+        if len(shape) == 1:
+            return self.all_gather_into(x, x.new_empty(self.size * shape[0]))
         return self.all_gather_into(x, x.new_empty(self.size * shape[0], *shape[1:]))
 
     def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -274,8 +276,11 @@ class NcclCommunicator:
     def reduce_scatter_dim0(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         """``x`` of ``(size * k, ...)``: the reduction of every rank's block ``index`` of ``k``
         rows."""
-        rows = x.shape[0] // self.size
-        return self.reduce_scatter_into(x, op, x.new_empty(rows, *x.shape[1:]))
+        shape = x.shape
+        rows = shape[0] // self.size
+        if len(shape) == 1:  # a flat bucket: the common case, and the fastest allocation
+            return self.reduce_scatter_into(x, op, x.new_empty(rows))
+        return self.reduce_scatter_into(x, op, x.new_empty(rows, *shape[1:]))
 
     def reduce_scatter_into(
         self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor
@@ -379,25 +384,33 @@ class NcclCommunicator:
         self.flight.record("all_gatherv", x)
         if x.device != self.device:
             self._check(x, "all_gatherv")
-        out = x.new_empty((sum(sizes), *x.shape[1:]))
-        row_elements = math.prod(x.shape[1:])
+        shape = x.shape
+        if len(shape) == 1:  # sizes as separate ints: torch parses them faster than a tuple
+            out, row_elements = x.new_empty(sum(sizes)), 1
+        else:
+            out, row_elements = x.new_empty(sum(sizes), *shape[1:]), math.prod(shape[1:])
         code = _CODES.get(x.dtype)
         per_row = row_elements if code is not None else row_elements * x.element_size()
         code = _UINT8 if code is None else code
         row_bytes = row_elements * x.element_size()
         mine = sizes[self.index] * per_row
         sent, received = x.data_ptr(), out.data_ptr()
-
-        def move(comm: Any, stream: int) -> None:
-            offset = 0
-            for peer, rows in enumerate(sizes):
-                if mine:
-                    comm.send(sent, mine, code, peer, stream)
-                if rows:
-                    comm.recv(received + offset, rows * per_row, code, peer, stream)
-                offset += rows * row_bytes
-
-        self._grouped("all_gatherv", move)
+        comm, stream = self._comm or self._live(), self._stream()
+        nccl = self._nccl
+        try:  # _grouped's body, inlined (no closure on the hot path)
+            nccl.groupStart()
+            try:
+                offset = 0
+                for peer, rows in enumerate(sizes):
+                    if mine:
+                        comm.send(sent, mine, code, peer, stream)
+                    if rows:
+                        comm.recv(received + offset, rows * per_row, code, peer, stream)
+                    offset += rows * row_bytes
+            finally:
+                nccl.groupEnd()
+        except nccl.NcclError as error:
+            raise self._failed("all_gatherv", error) from None
         return out
 
     def all_to_allv_dim0(
@@ -439,21 +452,26 @@ class NcclCommunicator:
     ) -> None:
         self.flight.record("send/recv")
         device = self.device
-        for _, t in sends:
+        for _, t in sends:  # every check before the group starts: none launches half
             if t.device != device:
                 self._check(t, "send/recv")
         for _, t in recvs:
             if t.device != device:
                 self._check(t, "send/recv")
         moved = self._moved
-
-        def move(comm: Any, stream: int) -> None:
-            for peer, t in sends:
-                comm.send(t.data_ptr(), *moved(t), peer, stream)
-            for peer, buf in recvs:
-                comm.recv(buf.data_ptr(), *moved(buf), peer, stream)
-
-        self._grouped("send/recv", move)
+        comm, stream = self._comm or self._live(), self._stream()
+        nccl = self._nccl
+        try:  # _grouped's body, inlined: this is the hot path of pipeline stages
+            nccl.groupStart()
+            try:
+                for peer, t in sends:
+                    comm.send(t.data_ptr(), *moved(t), peer, stream)
+                for peer, buf in recvs:
+                    comm.recv(buf.data_ptr(), *moved(buf), peer, stream)
+            finally:
+                nccl.groupEnd()
+        except nccl.NcclError as error:
+            raise self._failed("send/recv", error) from None
 
     def barrier(self) -> None:
         flag = torch.zeros(1, device=self.device)
