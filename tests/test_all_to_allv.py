@@ -251,6 +251,25 @@ def _assert_checked(reports: list[dict[str, str]]) -> None:
     assert [r["after"] for r in reports] == ["[0.0, 10.0]", "[1.0, 11.0]"]
 
 
+def _own_block_wrong_on_rank_0() -> str:
+    me = topo.axis_index("tp")
+    try:
+        topo.all_to_allv(torch.ones(2), "tp", [1, 1], [2, 1] if me == 0 else [1, 1])
+    except topo.TopoError as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_check_mode_names_a_wrong_own_block_on_every_rank() -> None:
+    # without check mode rank 0 alone raises TopoValueError (its peers would wait); with it,
+    # the pairwise check names the pair on both ranks
+    with mock.patch.dict(os.environ, {"TOPO_CHECK": "1"}):
+        messages = topo.simulate(DeviceMesh(tp=2), _own_block_wrong_on_rank_0, timeout=WAIT)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("CollectiveMismatchError: check mode: all_to_allv on axis")
+    assert "rank 0 sends rank 0 1 rows, but rank 0 expects 2" in messages[0]
+
+
 def test_check_mode_compares_what_one_end_sends_with_what_the_other_expects() -> None:
     """Point-to-point records pair each send with the peer's receive: uneven point-to-point
     (all_gatherv by p2p) passes, and a send the peer does not expect at all is named."""
