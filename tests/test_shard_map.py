@@ -1,11 +1,15 @@
 """topo.shard_map against the unsharded function: values and gradients, over random meshes
 (1-3 axes), specs (single and multi-axis dims, in any order) and shapes, for functions that use
 all_reduce, all_gather, reduce_scatter, ppermute and all_to_all inside; the check of outputs
-left out of an axis; DTensors; torch.compile; the errors."""
+left out of an axis; DTensors; torch.compile; torchrun; the errors."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -378,3 +382,25 @@ def test_the_first_example_of_the_docs_runs_verbatim() -> None:
     block = text.split("```python\n", 1)[1].split("```", 1)[0]
     assert "topo.simulate" in block  # the example that runs itself
     exec(compile(block, "docs/shard_map.md", "exec"), {"__name__": "docs_example"})
+
+
+@pytest.mark.multiprocess
+def test_shard_map_and_the_moe_example_under_torchrun(closed_port: int) -> None:
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+        "--master-addr=127.0.0.1", f"--master-port={closed_port}",
+        str(root / "tests" / "_torchrun_spmd.py"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within 300 s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("shard_map max error") == 4, out[-3000:]
