@@ -177,10 +177,15 @@ class RankActor:
             import ray
 
             device = None
+            local = world.local_rank
             if use_gpu:
                 from topo.ray.devices import gpu_device
 
                 device = gpu_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+                # Ray's convention (OpenRLHF's too): LOCAL_RANK names the rank's GPU in its
+                # process, so cuda:{LOCAL_RANK} is Ray's GPU; World.local_rank stays the
+                # index on the node
+                local = device
             from topo.secret import SPAWN_SECRET_VARIABLE
 
             # This actor's process is this rank's alone: its environment says who it is, as a
@@ -189,7 +194,7 @@ class RankActor:
                 {
                     "RANK": str(world.rank),
                     "WORLD_SIZE": str(world.world_size),
-                    "LOCAL_RANK": str(world.local_rank),  # the index on the node, as torchrun
+                    "LOCAL_RANK": str(local),
                     "LOCAL_WORLD_SIZE": str(world.local_world_size),
                     "MASTER_ADDR": world.master_addr,
                     "MASTER_PORT": str(world.master_port),
