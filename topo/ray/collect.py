@@ -149,12 +149,12 @@ def _raise_cause(
     if died:
         rank = min(died)
         how = (
-            "could not be reached" if died[rank].startswith("unreachable") else
-            "died"
-        )  # fmt: skip
+            "could not be reached in {what}: its Ray actor does not answer" if
+            died[rank].startswith("unreachable") else
+            "died in {what}: its Ray actor is gone"
+        ).format(what=what)  # fmt: skip
         raise RankFailedError(
-            f"rank {rank} of {mesh!r} {how} in {what}: its Ray actor is gone — {died[rank]}; "
-            f"the other ranks were stopped{seen}",
+            f"rank {rank} of {mesh!r} {how} — {died[rank]}; the other ranks were stopped{seen}",
             rank=rank,
         )
     own = [r for r, (text, _, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
