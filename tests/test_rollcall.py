@@ -49,6 +49,26 @@ def test_the_chain_is_followed_to_the_cause() -> None:
     assert json.loads(store.get("act/left/4")) == {"blamed": [9]}  # passed on in turn
 
 
+def test_a_member_in_another_collective_that_failed_there_passes_the_chain_on() -> None:
+    store = _store()
+    # rank 5 never reached this call: it is in dp's all_reduce with rank 9, which died; its
+    # own roll call ends a moment after ours began, and its note names rank 9
+    flight = {"where": "in all_reduce(float64[8, 3]) #16 on axis 'dp' group (5, 9)",
+              "groups": {"g": {"label": "axis 'tp' group (4, 5)", "calls": 15,
+                               "last": ["all_reduce(float64[8, 3])"]}}}  # fmt: skip
+    store.set("act/flight/5", json.dumps(flight).encode())
+    timer = threading.Timer(0.5, store.set, ("act/left/5", json.dumps({"blamed": [9]}).encode()))
+    timer.start()
+    roll = RollCall(store, "g", (4, 5), 0, seconds=0.3, activation="act")
+    try:
+        suffix = roll.report()
+    finally:
+        timer.cancel()
+    assert "rank 5 never reached this call on group (4, 5)" in suffix
+    assert "where it failed too and blamed rank(s) [9]: look at those first" in suffix
+    assert roll.culprits == [5, 9]
+
+
 def test_an_unreachable_store_is_said() -> None:
     class Gone(torch.distributed.Store):
         def set(self, key: str, value: object) -> None:

@@ -13,7 +13,9 @@ every member said:
 - a member that did not come but left a flight record: "rank 3 never reached call #58,
   all_reduce(float32[4]), on axis 'tp' ... (its last there was #57, all_reduce(float32[4]));
   it is in all_gather(float32[4]) #12 on axis 'dp' ..." or "... it is closing its
-  activation";
+  activation"; if that other collective failed too, the member's own roll call leaves a note
+  naming its cause, and the report waits a little (:data:`CHAIN_SECONDS`) to pass it on
+  ("..., where it failed too and blamed rank(s) [3]");
 - a member that left nothing: it died or is stopped.
 
 A rank that cannot reach the store at all says so (then rank 0's host, or the network to it,
@@ -42,6 +44,10 @@ __all__ = ["ROLL_CALL_SECONDS", "RollCall", "publish_flights"]
 
 #: How long the survivors of a failed collective look for each other's marks.
 ROLL_CALL_SECONDS = 3.0
+
+#: How much longer a survivor waits for the note of a member that is in another collective
+#: (that member's own roll call may still run): the chain from it to the cause.
+CHAIN_SECONDS = 2.0
 
 #: A check for the mismatch at the call, named in every report of a mismatch.
 _CHECK_HINT = "run with TOPO_CHECK=1 (or activate(check=True)) to name such a mismatch at the call"
@@ -141,6 +147,11 @@ class RollCall:
             records = {rank: self._flight(rank, limit) for rank in gone}
             silent = [r for r in gone if records[r] is None]
             passed = self._passed_on(silent, limit)
+            # members in another collective: if that one failed too, they hold their own roll
+            # call and leave a note naming its cause (rank 1 waited for rank 3 in dp); give
+            # them a little longer than a roll call, so the chain reaches the cause
+            elsewhere = [r for r in gone if records[r] is not None]
+            chained = self._notes_of(elsewhere, limit) if elsewhere else {}
             states = {r: self._state(r, limit) for r in silent if r not in passed}
             silence = _Silence(passed, states)
             note = json.dumps({"blamed": silence.culprits()}).encode()
@@ -150,7 +161,7 @@ class RollCall:
                 f"; the rendezvous store at {self.store.where} does not answer either: rank 0 "
                 f"(its host) or the network to it is down"
             )
-        return self._describe(present, records, gone, silence)
+        return self._describe(present, records, gone, silence, chained)
 
     # ------------------------------------------------------------------- reading
 
@@ -188,6 +199,16 @@ class RollCall:
                 passed[rank] = []
         return passed
 
+    def _notes_of(self, ranks: list[int], limit: float) -> dict[int, list[int]]:
+        """The notes ``ranks`` leave after a failure of their own (whom each blamed), waiting
+        up to :data:`CHAIN_SECONDS` for them: their roll call may still be running."""
+        deadline = time.monotonic() + CHAIN_SECONDS
+        notes = self._passed_on(ranks, limit)
+        while len(notes) < len(ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            notes = self._passed_on(ranks, limit)
+        return notes
+
     def _state(self, rank: int, limit: float) -> str | None:
         """How a silent rank's process is, when it runs on this machine (it published its
         identity when it joined): gone, stopped or alive; None when unknown."""
@@ -208,6 +229,7 @@ class RollCall:
         records: dict[int, dict[str, Any] | None],
         gone: list[int],
         silence: _Silence,
+        chained: Mapping[int, list[int]],
     ) -> str:
         parts: list[str] = []
         culprits: set[int] = set()
@@ -234,6 +256,12 @@ class RollCall:
                     f"rank {rank} never reached {reached} on {self.label} (its last there was "
                     f"#{calls}, {last}); it is {record['where']}"
                 )
+            blamed = [r for r in chained.get(rank, []) if r != rank]
+            if blamed:  # its own collective failed too: the chain goes on to the cause
+                parts[-1] += (
+                    f", where it failed too and blamed rank(s) {blamed}: look at those first"
+                )
+                culprits.update(blamed)
             culprits.add(rank)
         parts += silence.describe()
         culprits.update(silence.culprits())
