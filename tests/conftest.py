@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from _procs import live_processes
 
 #: The repository root (what ``PYTHONPATH`` must hold for a subprocess to import topo).
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,20 +69,11 @@ def _children() -> set[int]:
     """Live child processes of this process, from /proc (no psutil); multiprocessing's
     resource tracker (started by the first spawn, it lives as long as this process) aside."""
     me = os.getpid()
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == me and fields[0] != "Z" and b"resource_tracker" not in cmdline:
-            found.add(int(entry.name))
-    return found
+    return {
+        pid
+        for pid, (parent, command) in live_processes().items()
+        if parent == me and "resource_tracker" not in command
+    }
 
 
 @pytest.fixture

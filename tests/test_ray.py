@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from _procs import live_processes
 
 import topo
 import topo.ray
@@ -182,21 +183,8 @@ except ImportError:  # the pure tests above still run; CI installs Ray with the 
 
 def _descendants() -> dict[int, str]:
     """Every live descendant of this process: pid → command line."""
-    parent: dict[int, int] = {}
-    command: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        parent[int(entry.name)] = int(fields[1])
-        command[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    table = live_processes()
+    parent = {pid: ppid for pid, (ppid, _) in table.items()}
     mine = {os.getpid()}
     grew = True
     while grew:
@@ -204,7 +192,7 @@ def _descendants() -> dict[int, str]:
         grew = bool(found)
         mine |= found
     mine.discard(os.getpid())
-    return {pid: command[pid] for pid in mine}
+    return {pid: table[pid][1] for pid in mine}
 
 
 def _ray_processes() -> dict[int, str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from _all_to_allv_fns import make_input  # one maker of small exact inputs for both
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,16 +53,6 @@ def axes(draw: st.DrawFn, mesh: DeviceMesh) -> Any:
     names = mesh.axis_names
     chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
     return chosen[0] if len(chosen) == 1 else tuple(chosen)
-
-
-def make_input(seed: int, rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1000 + rank)
-    values = torch.randint(-3, 4, shape, generator=g)
-    if dtype == torch.bool:
-        return values > 0
-    if dtype.is_complex:
-        return torch.complex(values.float(), -values.float()).to(dtype)
-    return values.to(dtype)
 
 
 @st.composite

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -270,39 +270,7 @@ class _Launch:
             )
         if died:
             self._raise_died(died[0], seen)
-        own = [r for r, (text, _, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
-        blamed = _most_blamed(errors)
-        witness = None
-        if blamed is not None:
-            witness, blamed = _follow_blame(errors, blamed)
-        if not own and blamed is not None and witness is not None:
-            # The survivors' roll calls agree on a rank whose own error (if any) is only a
-            # wait on others: it skipped a call, left early, or waits elsewhere; their
-            # messages say which.
-            text, trace, _ = errors[witness]
-            if blamed in errors:
-                state = f"it raised {errors[blamed][0].splitlines()[0][:300]}"
-            else:
-                state = "it finished its function" if blamed in finished else "it raised nothing"
-            raise RankFailedError(
-                f"rank {blamed} of {self.mesh!r} is the cause, as rank {witness} found: {text}"
-                f"\n(rank {blamed}: {state})\n--- traceback of rank {witness} ---\n{trace}",
-                rank=blamed,
-                remote_traceback=trace,
-            )
-        if own:
-            rank = min(own)
-        elif blamed is not None and blamed in errors:
-            rank = blamed
-        else:
-            rank = min(errors)
-        text, trace, _ = errors[rank]
-        raise RankFailedError(
-            f"rank {rank} of {self.mesh!r} raised {text}\n--- traceback of rank {rank} ---\n"
-            f"{trace}",
-            rank=rank,
-            remote_traceback=trace,
-        )
+        raise_cause(self.mesh, errors, finished=finished)
 
     def _stopped(self, ranks: set[int]) -> int | None:
         """The lowest of ``ranks`` whose process is stopped (Linux /proc), if any."""
@@ -386,6 +354,59 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def raise_cause(
+    mesh: DeviceMesh,
+    errors: dict[int, tuple[str, str, list[int]]],
+    *,
+    where: str = "",
+    finished: Collection[int] = (),
+) -> NoReturn:
+    """Raise :class:`RankFailedError` for the cause among the ranks' ``errors`` (rank ->
+    (text, traceback, the ranks its roll call blamed)): a rank with an error of its own, else
+    the rank the survivors' roll calls name, followed from rank to rank, else the lowest.
+    ``where`` goes after "is the cause" / "raised ..." (e.g. " in MeshActors.run(step)");
+    ``finished`` are the ranks whose function returned. Shared by ``topo.spawn`` and
+    ``topo.ray``, after each has named its stopped or dead ranks.
+
+    Example::
+
+        raise_cause(mesh, {0: ("CommunicationTimeout: ...", trace, [3])})   # names rank 3
+    """
+    own = [r for r, (text, _, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
+    blamed = _most_blamed(errors)
+    witness = None
+    if blamed is not None:
+        witness, blamed = _follow_blame(errors, blamed)
+    if not own and blamed is not None and witness is not None:
+        # The survivors' roll calls agree on a rank whose own error (if any) is only a
+        # wait on others: it skipped a call, left early, or waits elsewhere; their
+        # messages say which.
+        text, trace, _ = errors[witness]
+        if blamed in errors:
+            state = f"it raised {errors[blamed][0].splitlines()[0][:300]}"
+        else:
+            state = "it finished its function" if blamed in finished else "it raised nothing"
+        raise RankFailedError(
+            f"rank {blamed} of {mesh!r} is the cause{where}, as rank {witness} found: {text}"
+            f"\n(rank {blamed}: {state})\n--- traceback of rank {witness} ---\n{trace}",
+            rank=blamed,
+            remote_traceback=trace,
+        )
+    if own:
+        rank = min(own)
+    elif blamed is not None and blamed in errors:
+        rank = blamed
+    else:
+        rank = min(errors)
+    text, trace, _ = errors[rank]
+    raise RankFailedError(
+        f"rank {rank} of {mesh!r} raised {text}{where}\n--- traceback of rank {rank} ---\n"
+        f"{trace}",
+        rank=rank,
+        remote_traceback=trace,
+    )
 
 
 def _most_blamed(errors: dict[int, tuple[str, str, list[int]]]) -> int | None:

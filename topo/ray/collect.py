@@ -142,7 +142,7 @@ def _raise_cause(
 ) -> NoReturn:
     """Blame the cause, not the first to notice: a dead actor, then a rank with an error of
     its own, then the rank the survivors' roll calls name, then the lowest rank."""
-    from topo.launch import _PEER_ERRORS, _follow_blame, _most_blamed
+    from topo.launch import raise_cause
 
     others = "; ".join(f"rank {r}: {errors[r][0].splitlines()[0][:160]}" for r in sorted(errors))
     seen = f"; what the other ranks saw — {others}" if others else ""
@@ -157,35 +157,7 @@ def _raise_cause(
             f"rank {rank} of {mesh!r} {how} — {died[rank]}; the other ranks were stopped{seen}",
             rank=rank,
         )
-    own = [r for r, (text, _, _) in errors.items() if text.split(":")[0] not in _PEER_ERRORS]
-    blamed = _most_blamed(errors)
-    witness = None
-    if not own and blamed is not None:
-        # rank 0 waited for rank 2, which itself waited for rank 3: the cause is rank 3
-        witness, blamed = _follow_blame(errors, blamed)
-    if own:
-        rank = min(own)
-    elif blamed is not None and witness is not None:
-        text, trace, _ = errors[witness]
-        if blamed in errors:
-            state = f"it raised {errors[blamed][0].splitlines()[0][:300]}"
-        else:
-            state = "it raised nothing"
-        raise RankFailedError(
-            f"rank {blamed} of {mesh!r} is the cause in {what}, as rank {witness} found: "
-            f"{text}\n(rank {blamed}: {state})\n--- traceback of rank {witness} ---\n{trace}",
-            rank=blamed,
-            remote_traceback=trace,
-        )
-    else:
-        rank = min(errors)
-    text, trace, _ = errors[rank]
-    raise RankFailedError(
-        f"rank {rank} of {mesh!r} raised {text} in {what}\n--- traceback of rank {rank} ---\n"
-        f"{trace}",
-        rank=rank,
-        remote_traceback=trace,
-    )
+    raise_cause(mesh, errors, where=f" in {what}")
 
 
 def _raise_timeout(
