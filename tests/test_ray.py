@@ -130,6 +130,38 @@ def test_the_blame_follows_the_chain_of_waits_to_the_cause() -> None:
     )
 
 
+def test_an_unreachable_actor_is_not_called_dead() -> None:
+    from topo.ray.collect import _raise_cause
+
+    with pytest.raises(topo.RankFailedError) as caught:
+        _raise_cause(topo.DeviceMesh(tp=2), "MeshActors.run(step)", {},
+                     {1: "unreachable, not known to be dead: ActorUnavailableError"})  # fmt: skip
+    assert caught.value.rank == 1
+    assert str(caught.value).startswith(
+        "rank 1 of DeviceMesh(tp=2) could not be reached in MeshActors.run(step): its Ray "
+        "actor does not answer — unreachable, not known to be dead"
+    )
+
+
+def test_a_close_that_times_out_says_what_it_waited_for() -> None:
+    import queue
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from topo.ray.rank import RankActor
+
+    actor = RankActor(topo.DeviceMesh(tp=2), 1)
+    # a rank whose function still runs: its session never finishes
+    actor._session = SimpleNamespace(jobs=queue.SimpleQueue(), finished=Future())  # type: ignore[assignment]
+    reply = actor.close(0.1)
+    assert reply[0] == "error"
+    assert reply[1] == (
+        "RendezvousTimeout: rank 1 requires its function to return and every rank to leave "
+        "DeviceMesh(tp=2) within 0.1 s to close, but it is still running or waiting for the "
+        "others; collect every submitted call before close(), or give close() a longer timeout"
+    )
+
+
 def test_rank_state_outside_a_rank_says_where_it_works() -> None:
     with pytest.raises(topo.TopoValueError, match=r"inside a topo\.ray rank"):
         topo.ray.rank_state()
