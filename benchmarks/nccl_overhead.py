@@ -430,7 +430,7 @@ def fake_overhead(
     cpu = torch.device("cpu")
     for pair in (None, (0, 1)):
         comm = NcclCommunicator(NoopNccl, NoopComm(), ranks, me, cpu, "axis 'tp' (no-op cupy)")
-        comm._stream = lambda: 0  # type: ignore[method-assign]  # the stub stream handle
+        comm._stream = lambda: 0  # the stub stream handle
         ctx._communicators[(names, "cpu", pair)] = comm  # type: ignore[assignment]
     table = call_table(NoopComm(), NoopNccl, None, cpu, me, lambda: 0, elements)
     gloo = ctx._create(names, "cpu", None)  # a real group, to start each collective together

@@ -74,7 +74,7 @@ def _null_communicator(nccl: Any) -> nccl_mod.NcclCommunicator:
     ``ncclComm_t``): cupy parses every argument, then NCCL answers ncclInvalidArgument."""
     raw = nccl.NcclCommunicator.__new__(nccl.NcclCommunicator)
     comm = nccl_mod.NcclCommunicator(nccl, raw, (0, 1), 0, torch.device("cpu"), "axis 'tp'")
-    comm._stream = lambda: 0  # type: ignore[method-assign]  # torch's raw stream handle: an int
+    comm._stream = lambda: 0  # torch's raw stream handle: an int
     return comm
 
 

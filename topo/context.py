@@ -102,6 +102,8 @@ class MeshContext:
         self._on_close: list[Callable[[bool], None]] = []
         # axis argument -> this rank's index along it; filled lazily.
         self._indices: dict[Any, int] = {}
+        #: (device type, dtype, op) triples a reduction has accepted (collectives/_common.py).
+        self._reducible: set[tuple[str, torch.dtype, object]] = set()
         # axis argument -> (axis names in mesh order, group size); filled lazily.
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()

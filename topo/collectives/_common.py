@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from topo._checks import as_int
+from topo.active import _ACTIVE, find_context
 from topo.communicators.base import REDUCE_OPS, ReduceOp
 from topo.communicators.dtypes import dtype_names
 from topo.communicators.registry import (
@@ -14,6 +17,54 @@ from topo.communicators.registry import (
     registered_backends,
 )
 from topo.errors import TopoTypeError, TopoValueError
+from topo.mesh import Axis
+
+if TYPE_CHECKING:
+    from topo.context import MeshContext
+
+_STRIDED = torch.strided
+#: ``locate``'s ``op`` when the collective reduces nothing.
+NO_REDUCTION: object = object()
+
+
+def locate(
+    x: torch.Tensor, axis: Axis, operation: str, op: object = NO_REDUCTION
+) -> tuple[MeshContext, tuple[str, ...], int, str]:
+    """Where a plain collective on ``x`` runs: the innermost active context with ``axis``, the
+    axis names (mesh order), the group size and ``x``'s device type — with ``x`` checked (a
+    dense tensor on a device with a backend) and, for a reduction, ``op`` checked against the
+    dtypes that context's backend reduces.
+
+    One call on the hot path: a plain tensor on CPU or CUDA, an axis the innermost activation
+    has resolved before, and a (device, dtype, op) that context has accepted before take the
+    fast branch; everything else goes through :func:`topo.active.find_context`,
+    :func:`device_type` and :func:`check_reduce`, which raise the errors.
+
+    Example::
+
+        ctx, names, n, device = locate(x, "tp", "all_reduce", "sum")
+    """
+    try:
+        ctx = _ACTIVE.get()[-1]
+        names, n = ctx._axes[axis]
+    except (IndexError, KeyError, TypeError):
+        ctx, names, n = find_context(axis, operation)
+    if (
+        type(x) is torch.Tensor and x.layout is _STRIDED and not x.is_nested
+        and not x.is_quantized
+    ):  # fmt: skip
+        device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else device_type(x, operation)
+    else:
+        device = device_type(x, operation)
+    if op is not NO_REDUCTION:
+        try:
+            known = (device, x.dtype, op) in ctx._reducible
+        except TypeError:  # an unhashable op: check_reduce names it
+            known = False
+        if not known:
+            check_reduce(x, op, operation, ctx.backend(device))
+            ctx._reducible.add((device, x.dtype, op))
+    return ctx, names, n, device
 
 
 def _default_backend(device: str) -> Backend | None:
@@ -161,11 +212,11 @@ def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object
 
 def concat_chunks(stacked: torch.Tensor, dim: int) -> torch.Tensor:
     """Concatenate the chunks of a stacked ``(n, *s)`` tensor along ``dim`` of ``s``."""
-    n, *shape = stacked.shape
-    shape[dim] *= n
     if dim == 0:
+        n, *shape = stacked.shape
+        shape[0] *= n
         return stacked.reshape(shape)
-    return stacked.movedim(0, dim).reshape(shape)
+    return torch.cat(stacked.unbind(0), dim)  # one copy: faster than movedim + reshape
 
 
 def check_out(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from topo.active import find_context
 from topo.collectives._common import (
     check_dim,
     check_index,
     check_out,
     concat_chunks,
     device_type,
+    locate,
     stack_chunks,
 )
 from topo.errors import NotDifferentiableError
@@ -37,9 +37,9 @@ def all_gather(
     """
     if needs_op(x):
         return _all_gather_op(x, axis, dim, out)
-    ctx, names, n = find_context(axis, "all_gather")
-    device = device_type(x, "all_gather")
-    d = check_dim(x, dim, "all_gather")
+    ctx, names, n, device = locate(x, axis, "all_gather")
+    # check_dim's common case inlined (a non-negative int dim): no call
+    d = dim if type(dim) is int and 0 <= dim < x.dim() else check_dim(x, dim, "all_gather")
     if out is not None:
         shape = list(x.shape)
         shape[d] *= n
@@ -50,9 +50,8 @@ def all_gather(
         into = getattr(comm, "all_gather_into", None)
         if into is not None and d == 0 and out.is_contiguous():
             return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
-        stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out's layout
-        out.view(*x.shape[:d], n, *x.shape[d:]).copy_(stacked.movedim(0, d))
-        return out
+        stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out
+        return torch.cat(stacked.unbind(0), d, out=out)
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
     comm = ctx.communicator(names, device)
@@ -93,8 +92,7 @@ def gather(x: torch.Tensor, axis: Axis, dst: int = 0, dim: int = 0) -> torch.Ten
     """
     if needs_op(x):
         return _gather_op(x, axis, dst, dim)
-    ctx, names, n = find_context(axis, "gather")
-    device = device_type(x, "gather")
+    ctx, names, n, device = locate(x, axis, "gather")
     d = check_dim(x, dim, "gather")
     root = check_index(dst, n, "gather", "dst", axis)
     if n == 1:
@@ -137,16 +135,16 @@ def all_to_all(
     """
     if needs_op(x):
         key, n, _ = group_of(axis, "all_to_all")
-    else:
-        ctx, names, n = find_context(axis, "all_to_all")
-    device = device_type(x, "all_to_all")
-    sd = check_dim(x, split_dim, "all_to_all", "split_dim")
-    cd = check_dim(x, concat_dim, "all_to_all", "concat_dim")
-    if needs_op(x):
+        device_type(x, "all_to_all")
+        sd = check_dim(x, split_dim, "all_to_all", "split_dim")
+        cd = check_dim(x, concat_dim, "all_to_all", "concat_dim")
         if x.shape[sd] % n:
             stack_chunks(x, sd, n, "all_to_all", axis)  # raises the divisibility error
         result: torch.Tensor = call("all_to_all", x, key, n, sd, cd)
         return result
+    ctx, names, n, device = locate(x, axis, "all_to_all")
+    sd = check_dim(x, split_dim, "all_to_all", "split_dim")
+    cd = check_dim(x, concat_dim, "all_to_all", "concat_dim")
     if sd == 0 and cd == 0 and n > 1:
         dim0 = getattr(ctx.communicator(names, device), "all_to_all_dim0", None)
         if dim0 is not None and x.shape[0] % n == 0:  # chunks already laid along dim 0

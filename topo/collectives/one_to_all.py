@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from topo.active import find_context
-from topo.collectives._common import check_dim, check_index, device_type, stack_chunks
+from topo.collectives._common import check_dim, check_index, device_type, locate, stack_chunks
 from topo.mesh import Axis
 from topo.ops._library import call, group_of, needs_op
 
@@ -29,8 +28,7 @@ def broadcast(x: torch.Tensor, axis: Axis, src: int = 0) -> torch.Tensor:
         root = check_index(src, n, "broadcast", "src", axis)
         result: torch.Tensor = call("broadcast", x, key, n, root)
         return result
-    ctx, names, n = find_context(axis, "broadcast")
-    device = device_type(x, "broadcast")
+    ctx, names, n, device = locate(x, axis, "broadcast")
     root = check_index(src, n, "broadcast", "src", axis)
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
@@ -59,8 +57,7 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
             stack_chunks(x, d, n, "scatter", axis)  # raises the divisibility error
         result: torch.Tensor = call("scatter", x, key, n, root, d)
         return result
-    ctx, names, n = find_context(axis, "scatter")
-    device = device_type(x, "scatter")
+    ctx, names, n, device = locate(x, axis, "scatter")
     d = check_dim(x, dim, "scatter")
     root = check_index(src, n, "scatter", "src", axis)
     stacked = stack_chunks(x, d, n, "scatter", axis)

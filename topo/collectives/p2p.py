@@ -8,7 +8,13 @@ import torch
 
 from topo._checks import as_bool, as_int
 from topo.active import find_context
-from topo.collectives._common import check_index, check_peer, check_tensor, device_type
+from topo.collectives._common import (
+    check_index,
+    check_peer,
+    check_tensor,
+    device_type,
+    locate,
+)
 from topo.communicators.base import Communicator
 from topo.context import MeshContext
 from topo.errors import BackendUnavailableError, TopoTypeError, TopoValueError
@@ -44,8 +50,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
             if topo.axis_index("pp") == 0:
                 topo.send(activations, axis="pp", dst=1)
     """
-    ctx, names, n = find_context(axis, "send")
-    device = device_type(x, "send")
+    ctx, names, n, device = locate(x, axis, "send")
     comm = _pair(ctx, names, n, axis, dst, "send", "dst", device)
     comm.exchange([(1 - comm.index, x.contiguous())], [])
 
@@ -66,24 +71,41 @@ def recv(
                 acts = topo.recv((4, 1024), torch.bfloat16, axis="pp", src=0)
     """
     ctx, names, n = find_context(axis, "recv")
+    dims = _dims(shape)
+    try:
+        template, kind = _TEMPLATES[dtype, device]
+    except (KeyError, TypeError):
+        template, kind = _template(dtype, device)
+    comm = _pair(ctx, names, n, axis, src, "recv", "src", kind)
+    pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
+    buffer: torch.Tensor
+    if pool is not None and kind == "cpu":
+        buffer = pool.empty(dims, dtype)
+    else:  # sizes as separate ints: torch parses them faster than a tuple
+        buffer = template.new_empty(*dims) if dims else template.new_empty(())
+    comm.exchange([], [(1 - comm.index, buffer)])
+    return buffer
+
+
+#: recv's allocation per (dtype, device argument): an empty tensor of that dtype on that
+#: device, whose ``new_empty`` is the fastest allocation torch has, and its device type.
+_TEMPLATES: dict[tuple[object, object], tuple[torch.Tensor, str]] = {}
+
+
+def _template(dtype: object, device: object) -> tuple[torch.Tensor, str]:
+    """recv's checked ``dtype`` and ``device`` as an empty tensor and its device type
+    (remembered in ``_TEMPLATES``, except for ``"cuda"`` without an index: that follows the
+    current device)."""
     if not isinstance(dtype, torch.dtype):
         raise TopoTypeError(
             f"topo.recv dtype requires a torch.dtype like torch.float32, but got "
             f"{type(dtype).__name__} {dtype!r}"
         )
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, (tuple, list, torch.Size)):
-        raise TopoTypeError(
-            f"topo.recv shape requires a sequence of ints like (4, 1024), but got "
-            f"{type(shape).__name__} {shape!r}"
-        )
-    dims = shape if _plain_dims(shape) else _checked_dims(shape)
     if isinstance(device, torch.device):
         place = device
     else:
         try:
-            place = torch.device(device)
+            place = torch.device(device)  # type: ignore[call-overload]
         except (RuntimeError, TypeError):
             raise TopoValueError(
                 f"topo.recv device requires a device like 'cpu' or 'cuda:0', but got "
@@ -95,33 +117,30 @@ def recv(
             f"topo.recv device {device!r} requires a CUDA GPU, but torch sees none "
             f"(torch.cuda.is_available() is False); receive on 'cpu' (gloo) instead"
         )
+    template = torch.empty(0, dtype=dtype, device=place)
     if kind not in ("cpu", "cuda"):
-        device_type(torch.empty(0, dtype=dtype, device=place), "recv", "device")  # raises
-    comm = _pair(ctx, names, n, axis, src, "recv", "src", kind)
-    pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
-    buffer: torch.Tensor
-    if pool is not None and kind == "cpu":
-        buffer = pool.empty(dims, dtype)
-    elif dims:  # sizes as separate ints: torch parses them faster than a tuple
-        buffer = torch.empty(*dims, dtype=dtype, device=place)
-    else:
-        buffer = torch.empty((), dtype=dtype, device=place)
-    comm.exchange([], [(1 - comm.index, buffer)])
-    return buffer
+        device_type(template, "recv", "device")  # raises
+    if kind == "cpu" or place.index is not None:
+        _TEMPLATES[dtype, device] = (template, kind)
+    return template, kind
 
 
-def _plain_dims(shape: Sequence[int]) -> bool:
-    """Whether ``shape`` is a tuple (or torch.Size) of non-negative plain ints (the common
-    case, checked without building a new tuple)."""
-    if type(shape) is not tuple and type(shape) is not torch.Size:
-        return False
-    for d in shape:  # noqa: SIM110  (a loop: faster than all() over a generator)
-        if type(d) is not int or d < 0:
-            return False
-    return True
-
-
-def _checked_dims(shape: Sequence[int]) -> tuple[int, ...]:
+def _dims(shape: object) -> Sequence[int]:
+    """recv's ``shape`` as a sequence of non-negative ints (a tuple or torch.Size of plain
+    ints as it is: the common case, checked without building a new tuple)."""
+    if type(shape) is tuple or type(shape) is torch.Size:
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return shape  # type: ignore[return-value]
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TopoTypeError(
+            f"topo.recv shape requires a sequence of ints like (4, 1024), but got "
+            f"{type(shape).__name__} {shape!r}"
+        )
     return tuple(as_int(d, "topo.recv shape", minimum=0) for d in shape)
 
 

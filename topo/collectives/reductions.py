@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from topo.active import find_context
 from topo.collectives._common import (
     check_dim,
     check_out,
     check_reduce,
     device_type,
+    locate,
     stack_chunks,
 )
 from topo.communicators.base import ReduceOp
@@ -38,9 +38,7 @@ def all_reduce(
     """
     if needs_op(x):
         return _all_reduce_op(x, axis, op, out)
-    ctx, names, n = find_context(axis, "all_reduce")
-    device = device_type(x, "all_reduce")
-    check_reduce(x, op, "all_reduce", ctx.backend(device))
+    ctx, names, n, device = locate(x, axis, "all_reduce", op)
     if out is not None:
         check_out(out, x, x.shape, "all_reduce")
         if n == 1:
@@ -91,10 +89,9 @@ def reduce_scatter(
     """
     if needs_op(x):
         return _reduce_scatter_op(x, axis, dim, op, out)
-    ctx, names, n = find_context(axis, "reduce_scatter")
-    device = device_type(x, "reduce_scatter")
-    check_reduce(x, op, "reduce_scatter", ctx.backend(device))
-    d = check_dim(x, dim, "reduce_scatter")
+    ctx, names, n, device = locate(x, axis, "reduce_scatter", op)
+    # check_dim's common case inlined (a non-negative int dim): no call
+    d = dim if type(dim) is int and 0 <= dim < x.dim() else check_dim(x, dim, "reduce_scatter")
     if d == 0 and n > 1 and x.shape[0] % n == 0:  # chunks already laid along dim 0
         comm = ctx.communicator(names, device)
         flat = x if x.is_contiguous() else x.contiguous()

@@ -28,7 +28,7 @@ import torch
 
 from topo._checks import as_int
 from topo.active import find_context
-from topo.collectives._common import check_dim, check_reduce, device_type
+from topo.collectives._common import check_dim, check_reduce, device_type, locate
 from topo.communicators.alltoallv import all_to_allv_dim0
 from topo.communicators.base import Communicator, ReduceOp
 from topo.errors import CollectiveMismatchError, TopoTypeError, TopoValueError
@@ -67,10 +67,11 @@ def all_gatherv(
     """
     if needs_op(x):
         return _all_gatherv_op(x, axis, dim, sizes, method)
-    ctx, names, n = find_context(axis, "all_gatherv")
-    device = device_type(x, "all_gatherv")
-    d = check_dim(x, dim, "all_gatherv")
-    _check_method(method)
+    ctx, names, n, device = locate(x, axis, "all_gatherv")
+    # check_dim's common case inlined (a non-negative int dim): no call
+    d = dim if type(dim) is int and 0 <= dim < x.dim() else check_dim(x, dim, "all_gatherv")
+    if method not in _METHODS:
+        _check_method(method)  # raises
     if n == 1:
         if sizes is not None:
             _check_sizes(sizes, 1, axis, "all_gatherv")
@@ -197,8 +198,7 @@ def all_to_allv(
     """
     if needs_op(x):
         return _all_to_allv_op(x, axis, send_sizes, recv_sizes, dim)
-    ctx, names, n = find_context(axis, "all_to_allv")
-    device = device_type(x, "all_to_allv")
+    ctx, names, n, device = locate(x, axis, "all_to_allv")
     d = check_dim(x, dim, "all_to_allv")
     sends, recvs = _check_all_to_allv_sizes(x, d, send_sizes, recv_sizes, n, axis)
     if n == 1:
@@ -272,12 +272,12 @@ def _check_own_block(sends: list[int], recvs: list[int], me: int) -> None:
 def _check_sizes(
     sizes: object, n: int, axis: Axis, operation: str, name: str = "sizes"
 ) -> list[int]:
-    if (
-        isinstance(sizes, (list, tuple))
-        and len(sizes) == n
-        and all(type(s) is int and s >= 0 for s in sizes)
-    ):
-        return list(sizes)  # the common case, first: plain ints
+    if (type(sizes) is list or type(sizes) is tuple) and len(sizes) == n:
+        for s in sizes:  # the common case, first: plain ints (a loop: no generator to make)
+            if type(s) is not int or s < 0:
+                break
+        else:
+            return list(sizes)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
         hint = f"; pass {name}.tolist()" if isinstance(sizes, torch.Tensor) else ""
         raise TopoTypeError(

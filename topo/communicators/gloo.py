@@ -66,6 +66,8 @@ class GlooCommunicator:
         roll_call: RollCall | None = None,
     ) -> None:
         self.ranks = ranks
+        #: Number of ranks in the group (an attribute: it is read on every call).
+        self.size = len(ranks)
         self.roll_call = roll_call
         self.index = index
         self.label = label
@@ -89,10 +91,6 @@ class GlooCommunicator:
         self.handed = HandedTensors()  # see topo/communicators/handoff.py: no GIL deadlock
         #: This communicator's calls (see topo/communicators/recorder.py).
         self.flight = FlightRecorder()
-
-    @property
-    def size(self) -> int:
-        return len(self.ranks)
 
     @property
     def pg(self) -> Any:

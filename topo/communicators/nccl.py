@@ -11,6 +11,7 @@ needs it, and any cupy build (cupy-cuda12x, cupy-cuda13x) works.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -84,6 +85,8 @@ class NcclCommunicator:
         self._nccl = nccl
         self._comm: Any = comm
         self.ranks = ranks
+        #: Number of ranks in the group (an attribute: it is read on every call).
+        self.size = len(ranks)
         self.index = index
         self.device = device
         self.label = label
@@ -91,6 +94,9 @@ class NcclCommunicator:
         self._native_avg = int(nccl.get_version()) >= 21000
         self._codes: dict[tuple[torch.dtype, str], tuple[int, int, bool]] = {}
         self._device_index = device.index if device.index is not None else 0
+        #: The raw handle of torch's current stream on this device, an int (no Stream object:
+        #: the cheap path torch's own collectives use; a partial: no Python frame per call).
+        self._stream: Callable[[], int] = functools.partial(_RAW_STREAM, self._device_index)
         self._async_error: str | None = None
         self._watchdog: tuple[threading.Thread, threading.Event] | None = None
         #: This communicator's calls (see topo/communicators/recorder.py).
@@ -149,16 +155,7 @@ class NcclCommunicator:
             ) from None
         return cls(nccl, comm, ranks, index, device, label, timeout)
 
-    @property
-    def size(self) -> int:
-        return len(self.ranks)
-
     # ---------------------------------------------------------------- plumbing
-
-    def _stream(self) -> int:
-        """The raw handle of torch's current stream on this device (no Stream object: the
-        cheap path torch's own collectives use)."""
-        return int(_RAW_STREAM(self._device_index))
 
     def _check(self, x: torch.Tensor, what: str) -> None:
         if x.device != self.device:
@@ -237,7 +234,8 @@ class NcclCommunicator:
         if x.device != self.device:
             self._check(x, "all_reduce")
         comm = self._comm or self._live()
-        code, nccl_op, native = self._reduce_codes(x, op)
+        codes = self._codes.get((x.dtype, op))  # _reduce_codes, inlined
+        code, nccl_op, native = codes if codes is not None else self._reduce_codes(x, op)
         try:
             comm.allReduce(x.data_ptr(), out.data_ptr(), x.numel(), code, nccl_op, self._stream())
         except self._nccl.NcclError as error:
@@ -263,7 +261,8 @@ class NcclCommunicator:
         if x.device != self.device:
             self._check(x, "all_gather")
         comm = self._comm or self._live()
-        count, code = self._moved(x)
+        code = _CODES.get(x.dtype)  # _moved, inlined
+        count, code = (x.numel(), code) if code is not None else (x.nbytes, _UINT8)
         try:
             comm.allGather(x.data_ptr(), out.data_ptr(), count, code, self._stream())
         except self._nccl.NcclError as error:
@@ -291,7 +290,8 @@ class NcclCommunicator:
         if x.device != self.device:
             self._check(x, "reduce_scatter")
         comm = self._comm or self._live()
-        code, nccl_op, native = self._reduce_codes(x, op)
+        codes = self._codes.get((x.dtype, op))  # _reduce_codes, inlined
+        code, nccl_op, native = codes if codes is not None else self._reduce_codes(x, op)
         try:
             comm.reduceScatter(
                 x.data_ptr(), out.data_ptr(), out.numel(), code, nccl_op, self._stream()
@@ -308,7 +308,8 @@ class NcclCommunicator:
             self._check(x, "broadcast")
         comm = self._comm or self._live()
         y = torch.empty_like(x)
-        count, code = self._moved(x)
+        code = _CODES.get(x.dtype)  # _moved, inlined
+        count, code = (x.numel(), code) if code is not None else (x.nbytes, _UINT8)
         try:
             comm.broadcast(x.data_ptr(), y.data_ptr(), count, code, src, self._stream())
         except self._nccl.NcclError as error:
@@ -458,16 +459,23 @@ class NcclCommunicator:
         for _, t in recvs:
             if t.device != device:
                 self._check(t, "send/recv")
-        moved = self._moved
         comm, stream = self._comm or self._live(), self._stream()
         nccl = self._nccl
-        try:  # _grouped's body, inlined: this is the hot path of pipeline stages
+        try:  # _grouped's body and _moved, inlined: this is the hot path of pipeline stages
             nccl.groupStart()
             try:
                 for peer, t in sends:
-                    comm.send(t.data_ptr(), *moved(t), peer, stream)
+                    code = _CODES.get(t.dtype)
+                    if code is None:
+                        comm.send(t.data_ptr(), t.nbytes, _UINT8, peer, stream)
+                    else:
+                        comm.send(t.data_ptr(), t.numel(), code, peer, stream)
                 for peer, buf in recvs:
-                    comm.recv(buf.data_ptr(), *moved(buf), peer, stream)
+                    code = _CODES.get(buf.dtype)
+                    if code is None:
+                        comm.recv(buf.data_ptr(), buf.nbytes, _UINT8, peer, stream)
+                    else:
+                        comm.recv(buf.data_ptr(), buf.numel(), code, peer, stream)
             finally:
                 nccl.groupEnd()
         except nccl.NcclError as error:

@@ -27,6 +27,7 @@ __all__ = ["DEPTH", "FlightRecorder"]
 
 #: How many of the last calls each recorder keeps (a power of two).
 DEPTH = 8
+_MASK = DEPTH - 1
 
 
 class FlightRecorder:
@@ -54,7 +55,7 @@ class FlightRecorder:
         """
         n = self.calls + 1
         self.calls = n
-        self._ring[n & (DEPTH - 1)] = (
+        self._ring[n & _MASK] = (
             (operation, None, None) if x is None else (operation, x.shape, x.dtype)
         )
 
