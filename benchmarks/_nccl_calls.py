@@ -1,6 +1,8 @@
 """The calls benchmarks/nccl_overhead.py times, per collective: topo's free function (allocating,
 and with ``out=`` where it has one), the raw cupy ``NcclCommunicator`` call on preallocated
-buffers, and torch's ``ProcessGroupNCCL`` — the same call table on a GPU and, without one, over
+buffers and with its output allocated in the call as topo's allocating call does (``raw cupy +
+alloc``: what a user of raw cupy writes for an out-of-place collective), and torch's
+``ProcessGroupNCCL`` — the same call table on a GPU and, without one, over
 a no-op fake cupy communicator with a stub CUDA stream (topo's own Python work above the raw
 call).
 
@@ -28,7 +30,7 @@ COLLECTIVES = (
     "send/recv",
     "all_gatherv",
 )
-IMPLEMENTATIONS = ("topo", "topo out=", "raw cupy", "ProcessGroupNCCL")
+IMPLEMENTATIONS = ("topo", "topo out=", "raw cupy", "raw cupy + alloc", "ProcessGroupNCCL")
 
 
 class NoopNccl:
@@ -141,6 +143,55 @@ def call_table(
         nccl.groupEnd()
         my_slot.copy_(mine)
 
+    def raw_gatherv_alloc() -> torch.Tensor:
+        s, result = stream(), mine.new_empty(sum(sizes))
+        nccl.groupStart()
+        raw.send(mine.data_ptr(), sizes[me], f32, other, s)
+        raw.recv(result[starts[other] :].data_ptr(), sizes[other], f32, other, s)
+        nccl.groupEnd()
+        result[starts[me] : starts[me] + sizes[me]].copy_(mine)
+        return result
+
+    def raw_all_to_all_alloc() -> torch.Tensor:
+        s, received = stream(), torch.empty_like(pairs)
+        nccl.groupStart()
+        for peer in (0, 1):
+            raw.send(pairs[peer].data_ptr(), n // 2, f32, peer, s)
+            raw.recv(received[peer].data_ptr(), n // 2, f32, peer, s)
+        nccl.groupEnd()
+        return received
+
+    def raw_p2p_alloc() -> torch.Tensor | None:
+        nccl.groupStart()
+        if me == 0:
+            raw.send(x.data_ptr(), n, f32, other, stream())
+            received = None
+        else:
+            received = x.new_empty(n)
+            raw.recv(received.data_ptr(), n, f32, other, stream())
+        nccl.groupEnd()
+        return received
+
+    def raw_all_reduce_alloc() -> torch.Tensor:
+        y = torch.empty_like(x)
+        raw.allReduce(x.data_ptr(), y.data_ptr(), n, f32, add, stream())
+        return y
+
+    def raw_all_gather_alloc() -> torch.Tensor:
+        y = x.new_empty(2 * n)
+        raw.allGather(x.data_ptr(), y.data_ptr(), n, f32, stream())
+        return y
+
+    def raw_reduce_scatter_alloc() -> torch.Tensor:
+        y = stacked.new_empty(n)
+        raw.reduceScatter(stacked.data_ptr(), y.data_ptr(), n, f32, add, stream())
+        return y
+
+    def raw_broadcast_alloc() -> torch.Tensor:
+        y = torch.empty_like(x)
+        raw.broadcast(x.data_ptr(), y.data_ptr(), n, f32, 0, stream())
+        return y
+
     def topo_p2p() -> object:
         if me == 0:
             topo.send(x, axis="tp", dst=1)
@@ -152,11 +203,13 @@ def call_table(
             "topo": lambda: topo.all_reduce(x, axis="tp"),
             "topo out=": lambda: topo.all_reduce(x, axis="tp", out=out),
             "raw cupy": lambda: raw.allReduce(x.data_ptr(), out.data_ptr(), n, f32, add, stream()),
+            "raw cupy + alloc": raw_all_reduce_alloc,
         },
         "all_gather": {
             "topo": lambda: topo.all_gather(x, axis="tp"),
             "topo out=": lambda: topo.all_gather(x, axis="tp", out=gathered),
             "raw cupy": lambda: raw.allGather(x.data_ptr(), gathered.data_ptr(), n, f32, stream()),
+            "raw cupy + alloc": raw_all_gather_alloc,
         },
         "all_gather dim 1": {
             "topo": lambda: topo.all_gather(square, axis="tp", dim=1),
@@ -169,19 +222,23 @@ def call_table(
             "raw cupy": lambda: raw.reduceScatter(
                 stacked.data_ptr(), out.data_ptr(), n, f32, add, stream()
             ),
+            "raw cupy + alloc": raw_reduce_scatter_alloc,
         },
         "broadcast": {
             "topo": lambda: topo.broadcast(x, axis="tp", src=0),
             "raw cupy": lambda: raw.broadcast(x.data_ptr(), out.data_ptr(), n, f32, 0, stream()),
+            "raw cupy + alloc": raw_broadcast_alloc,
         },
         "all_to_all": {
             "topo": lambda: topo.all_to_all(pairs, axis="tp"),
             "raw cupy": raw_all_to_all,
+            "raw cupy + alloc": raw_all_to_all_alloc,
         },
-        "send/recv": {"topo": topo_p2p, "raw cupy": raw_p2p},
+        "send/recv": {"topo": topo_p2p, "raw cupy": raw_p2p, "raw cupy + alloc": raw_p2p_alloc},
         "all_gatherv": {
             "topo": lambda: topo.all_gatherv(mine, axis="tp", sizes=sizes, method="p2p"),
             "raw cupy": raw_gatherv,
+            "raw cupy + alloc": raw_gatherv_alloc,
         },
     }
     if pg is not None:

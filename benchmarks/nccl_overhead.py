@@ -12,7 +12,8 @@ Run: ``python benchmarks/nccl_overhead.py`` (well under a minute on one GPU). Th
    µs per call of every free function — ``topo.all_reduce``, ``topo.all_gather`` (dim 0 and
    dim 1), ``topo.reduce_scatter``, ``topo.broadcast``, ``topo.all_to_all``,
    ``topo.send``/``topo.recv`` and ``topo.all_gatherv`` (allocating, and with ``out=`` where
-   it has one) — on a size-2 axis, vs raw cupy on preallocated buffers (a second 2-rank
+   it has one) — on a size-2 axis, vs raw cupy on preallocated buffers and, for the
+   allocating calls, raw cupy allocating its output the same way (``raw + alloc``; a second 2-rank
    ``NcclCommunicator`` made in the same processes, its unique id sent through topo's
    coordinator as raw bytes; what a user of raw cupy writes for the same result, e.g. the
    transpose after an all-gather along dim 1) and vs ``ProcessGroupNCCL`` (built in the same
@@ -28,7 +29,8 @@ Run: ``python benchmarks/nccl_overhead.py`` (well under a minute on one GPU). Th
 ``--fake`` needs no GPU: the same call table on 2 CPU ranks, where topo's NCCL communicator
 wraps a cupy communicator whose calls do nothing and the CUDA stream is a stub, so each
 figure is topo's own Python work per call above the raw call (the cost this benchmark exists
-to drive down, measurable on any machine). ``--fake-threads`` runs the ranks as threads of
+to drive down, measurable on any machine); ``topo − (raw + alloc)`` leaves out the output's
+allocation, which an out-of-place call needs whoever makes it. ``--fake-threads`` runs the ranks as threads of
 one process that take turns (``topo.simulate``), so they never compete for a core, and
 prints each rank's best block (the cost of a call when nothing interrupts it: the figure to
 compare across commits on a small, busy machine).
@@ -137,13 +139,15 @@ def overhead_table(two_rank: dict[str, dict[str, float]]) -> str:
     """
     rows = []
     for name, figures in two_rank.items():
-        t, o, r, p = (figures.get(k) for k in IMPLEMENTATIONS)
+        t, o, r, a, p = (figures.get(k) for k in IMPLEMENTATIONS)
         rows.append([
-            f"topo.{name}", *(f"{v * 1e6:.2f}" if v is not None else "n/a" for v in (t, o, r, p)),
-            _ratio(t, r), _ratio(o, r), _ratio(t, p),
+            f"topo.{name}",
+            *(f"{v * 1e6:.2f}" if v is not None else "n/a" for v in (t, o, r, a, p)),
+            _ratio(t, r), _ratio(o, r), _ratio(t, a), _ratio(t, p),
         ])  # fmt: skip
-    header = ["collective", "topo µs", "topo out= µs", "raw cupy µs", "ProcessGroupNCCL µs",
-              "topo/raw", "out=/raw", "topo/PGNCCL"]  # fmt: skip
+    header = ["collective", "topo µs", "topo out= µs", "raw cupy µs", "raw + alloc µs",
+              "ProcessGroupNCCL µs", "topo/raw", "out=/raw", "topo/(raw+alloc)",
+              "topo/PGNCCL"]  # fmt: skip
     return markdown_table(header, rows)
 
 
@@ -157,17 +161,17 @@ def fake_table(fake: dict[str, dict[str, float]]) -> str:
     """
     rows = []
     for name, figures in fake.items():
-        t, o, r = (figures.get(k) for k in IMPLEMENTATIONS[:3])
+        t, o, r, a = (figures.get(k) for k in IMPLEMENTATIONS[:4])
 
         def us(v: float | None) -> str:
             return f"{v * 1e6:.2f}" if v is not None else "n/a"
 
         rows.append([
-            f"topo.{name}", us(t), us(o), us(r), us(t - r if t and r else None),
-            us(o - r if o and r else None),
+            f"topo.{name}", us(t), us(o), us(r), us(a), us(t - r if t and r else None),
+            us(o - r if o and r else None), us(t - a if t and a else None),
         ])  # fmt: skip
-    header = ["collective", "topo µs", "topo out= µs", "raw (no-op) µs", "topo − raw µs",
-              "out= − raw µs"]  # fmt: skip
+    header = ["collective", "topo µs", "topo out= µs", "raw (no-op) µs", "raw + alloc µs",
+              "topo − raw µs", "out= − raw µs", "topo − (raw + alloc) µs"]  # fmt: skip
     return markdown_table(header, rows)
 
 

@@ -65,7 +65,9 @@ def _results() -> dict[str, object]:
 def test_tables_and_report(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     results = _results()
     table = bench.overhead_table(results["two_rank"])
-    assert "| topo.all_reduce | 7.00 | n/a | 6.50 | 14.00 | 1.08 | n/a | 0.50 |" in table
+    assert "| topo.all_reduce | 7.00 | n/a | 6.50 | n/a | 14.00 | 1.08 | n/a | n/a | 0.50 |" in table
+    two = {"all_reduce": {"topo": 7e-6, "raw cupy": 5e-6, "raw cupy + alloc": 6e-6}}
+    assert "| 7.00 | n/a | 5.00 | 6.00 | n/a | 1.40 | n/a | 1.17 | n/a |" in bench.overhead_table(two)
     sweep = bench.sweep_table(results["sweep"])
     assert "| all_reduce | 4 B | 20.0 | 10.0 | 2.00 |" in sweep
     assert "| all_gather | 64 MiB | 50000.0 | 50000.0 | 1.00 |" in sweep
@@ -76,10 +78,12 @@ def test_tables_and_report(bench: ModuleType, capsys: pytest.CaptureFixture[str]
 
 
 def test_fake_tables(bench: ModuleType) -> None:
-    table = bench.fake_table({"all_reduce": {"topo": 4e-6, "topo out=": 3e-6, "raw cupy": 1e-6},
-                              "broadcast": {"topo": 3e-6, "raw cupy": 1e-6}})  # fmt: skip
-    assert "| topo.all_reduce | 4.00 | 3.00 | 1.00 | 3.00 | 2.00 |" in table
-    assert "| topo.broadcast | 3.00 | n/a | 1.00 | 2.00 | n/a |" in table
+    table = bench.fake_table({
+        "all_reduce": {"topo": 4e-6, "topo out=": 3e-6, "raw cupy": 1e-6, "raw cupy + alloc": 2e-6},
+        "broadcast": {"topo": 3e-6, "raw cupy": 1e-6},
+    })  # fmt: skip
+    assert "| topo.all_reduce | 4.00 | 3.00 | 1.00 | 2.00 | 3.00 | 2.00 | 2.00 |" in table
+    assert "| topo.broadcast | 3.00 | n/a | 1.00 | n/a | 2.00 | n/a | n/a |" in table
 
 
 @pytest.mark.multiprocess
@@ -100,6 +104,8 @@ def test_the_no_gpu_mode_times_every_collective(tmp_path: Path) -> None:
         "all_to_all", "send/recv", "all_gatherv",
     ]  # fmt: skip
     assert all(f["topo"] > 0 and f["raw cupy"] > 0 for f in fake.values())
+    assert all(f["raw cupy + alloc"] > 0 for f in fake.values() if "raw cupy + alloc" in f)
+    assert sum("raw cupy + alloc" in f for f in fake.values()) == 7  # all but dim 1's
     assert "| topo.all_gatherv |" in done.stdout
 
 

@@ -234,7 +234,7 @@ def check_out(
             f"topo.{operation} out requires x's dtype and device ({x.dtype}, {x.device}), but "
             f"got {out.dtype} on {out.device}; allocate it with x.new_empty(shape)"
         )
-    if tuple(out.shape) != tuple(shape):
+    if out.shape != shape and tuple(out.shape) != tuple(shape):  # a torch.Size is a tuple
         raise TopoValueError(
             f"topo.{operation} out requires the result's shape {tuple(shape)}, but got "
             f"{tuple(out.shape)}"

@@ -351,14 +351,14 @@ def gatherv(
 
         y = gatherv(comm, x, 0, [1, 2], "padded")
     """
-    n, longest, total = len(sizes), max(sizes), sum(sizes)
     if method == "auto":
         # gloo measurement (benchmarks/transport.py): p2p beats padding already at 1.6x bytes
-        method = "p2p" if 4 * n * longest > 5 * total else "padded"
+        method = "p2p" if 4 * len(sizes) * max(sizes) > 5 * sum(sizes) else "padded"
     if method == "p2p" and dim == 0:
         fast = getattr(comm, "all_gatherv_dim0", None)
         if fast is not None:
             return fast(x if x.is_contiguous() else x.contiguous(), sizes)  # type: ignore[no-any-return]
+    longest, total = max(sizes), sum(sizes)
     rows = x if dim == 0 else x.movedim(dim, 0)
     rest = tuple(rows.shape[1:])
     if method == "p2p":

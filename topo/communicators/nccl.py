@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from topo.communicators.base import ReduceOp
+from topo.communicators.cuda_stream import raw_stream
 from topo.communicators.nccl_setup import (
     UNIQUE_ID_BYTES,
     check_one_gpu_per_rank,
@@ -96,7 +97,7 @@ class NcclCommunicator:
         self._device_index = device.index if device.index is not None else 0
         #: The raw handle of torch's current stream on this device, an int (no Stream object:
         #: the cheap path torch's own collectives use; a partial: no Python frame per call).
-        self._stream: Callable[[], int] = functools.partial(_RAW_STREAM, self._device_index)
+        self._stream: Callable[[], int] = functools.partial(raw_stream, self._device_index)
         self._async_error: str | None = None
         self._watchdog: tuple[threading.Thread, threading.Event] | None = None
         #: This communicator's calls (see topo/communicators/recorder.py).
@@ -224,12 +225,14 @@ class NcclCommunicator:
     # Besides the protocol, the communicator serves the collectives' fast paths (``*_into``
     # write into the caller's tensor; ``*_dim0`` take and give chunks laid along dim 0).
 
-    def all_reduce(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        return self.all_reduce_into(x, op, torch.empty_like(x))
-
-    def all_reduce_into(self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor) -> torch.Tensor:
+    def all_reduce_into(
+        self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """:meth:`all_reduce` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
-        ``x`` itself)."""
+        ``x`` itself), or into a new tensor without ``out``: that is :meth:`all_reduce` (one
+        method, so the allocating call costs no second Python frame)."""
+        if out is None:
+            out = torch.empty_like(x)
         self.flight.record("all_reduce", x)
         if x.device != self.device:
             self._check(x, "all_reduce")
@@ -244,19 +247,20 @@ class NcclCommunicator:
             out /= self.size
         return out
 
+    all_reduce = all_reduce_into
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_gather_into(x, x.new_empty(self.size, *x.shape))
 
-    def all_gather_dim0(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``x`` concatenated along dim 0: ``(size * x.shape[0], ...)``."""
-        shape = x.shape  # sizes as separate ints: torch parses them faster than a tuple
-        if len(shape) == 1:
-            return self.all_gather_into(x, x.new_empty(self.size * shape[0]))
-        return self.all_gather_into(x, x.new_empty(self.size * shape[0], *shape[1:]))
-
-    def all_gather_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def all_gather_into(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`all_gather` written into ``out``: contiguous, ``size * x.numel()`` elements
-        of ``x``'s dtype, index ``i``'s ``x`` in block ``i`` (any shape with that layout)."""
+        of ``x``'s dtype, index ``i``'s ``x`` in block ``i`` (any shape with that layout).
+        Without ``out``, into a new ``(size * x.shape[0], ...)``: that is
+        :meth:`all_gather_dim0`, every rank's ``x`` concatenated along dim 0."""
+        if out is None:
+            shape = x.shape  # sizes as separate ints: torch parses them faster than a tuple
+            rows = self.size * shape[0]
+            out = x.new_empty(rows) if len(shape) == 1 else x.new_empty(rows, *shape[1:])
         self.flight.record("all_gather", x)
         if x.device != self.device:
             self._check(x, "all_gather")
@@ -269,23 +273,23 @@ class NcclCommunicator:
             raise self._failed("all_gather", error) from None
         return out
 
+    all_gather_dim0 = all_gather_into
+
     def reduce_scatter(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         return self.reduce_scatter_into(x, op, x.new_empty(x.shape[1:]))
 
-    def reduce_scatter_dim0(self, x: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-        """``x`` of ``(size * k, ...)``: the reduction of every rank's block ``index`` of ``k``
-        rows."""
-        shape = x.shape
-        rows = shape[0] // self.size
-        if len(shape) == 1:  # a flat bucket: the common case, and the fastest allocation
-            return self.reduce_scatter_into(x, op, x.new_empty(rows))
-        return self.reduce_scatter_into(x, op, x.new_empty(rows, *shape[1:]))
-
     def reduce_scatter_into(
-        self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor
+        self, x: torch.Tensor, op: ReduceOp, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """:meth:`reduce_scatter` written into ``out`` (contiguous, ``x.numel() // size``
-        elements); block ``i`` of ``x``'s memory goes to index ``i``."""
+        elements); block ``i`` of ``x``'s memory goes to index ``i``. Without ``out``, ``x``
+        is ``(size * k, ...)`` and the result a new ``(k, ...)``, the reduction of every rank's
+        block ``index`` of ``k`` rows: that is :meth:`reduce_scatter_dim0`."""
+        if out is None:
+            shape = x.shape
+            rows = shape[0] // self.size
+            # a flat bucket (the common case) gets the fastest allocation: one int
+            out = x.new_empty(rows) if len(shape) == 1 else x.new_empty(rows, *shape[1:])
         self.flight.record("reduce_scatter", x)
         if x.device != self.device:
             self._check(x, "reduce_scatter")
@@ -301,6 +305,8 @@ class NcclCommunicator:
         if not native:
             out /= self.size
         return out
+
+    reduce_scatter_dim0 = reduce_scatter_into
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
         self.flight.record("broadcast", x)
@@ -390,10 +396,9 @@ class NcclCommunicator:
             out, row_elements = x.new_empty(sum(sizes)), 1
         else:
             out, row_elements = x.new_empty(sum(sizes), *shape[1:]), math.prod(shape[1:])
-        code = _CODES.get(x.dtype)
-        per_row = row_elements if code is not None else row_elements * x.element_size()
+        code, row_bytes = _CODES.get(x.dtype), row_elements * x.element_size()
+        per_row = row_elements if code is not None else row_bytes  # elements, or bytes
         code = _UINT8 if code is None else code
-        row_bytes = row_elements * x.element_size()
         mine = sizes[self.index] * per_row
         sent, received = x.data_ptr(), out.data_ptr()
         comm, stream = self._comm or self._live(), self._stream()
@@ -584,16 +589,6 @@ class NcclCommunicator:
                 comm.destroy()
 
 
-def _current_stream_handle(device_index: int) -> int:
-    return int(torch.cuda.current_stream(device_index).cuda_stream)
-
-
 _CODES = dict(NCCL_DTYPES)
 _OPS = dict(NCCL_OPS)
 _UINT8 = NCCL_DTYPES[torch.uint8]
-
-#: The current stream's raw handle for a device index: torch's private fast path when this
-#: torch has it (no Stream object, no device-index resolution), else the public API.
-_RAW_STREAM: Callable[[int], int] = getattr(
-    torch._C, "_cuda_getCurrentRawStream", _current_stream_handle
-)

@@ -24,8 +24,12 @@ from topo.errors import TopoValueError
 from topo.mesh import Axis
 
 __all__: list[str] = []
+_compiler = getattr(torch, "compiler", None)
+#: Whether torch.compile (dynamo) is tracing the caller. ``is_dynamo_compiling`` is False in
+#: eager in one Python call (``is_compiling`` makes two: it asks TorchScript first), and dynamo
+#: folds it to True while tracing, as it does ``is_compiling``.
 _is_compiling: Callable[[], bool] = getattr(
-    getattr(torch, "compiler", None), "is_compiling", lambda: False
+    _compiler, "is_dynamo_compiling", getattr(_compiler, "is_compiling", lambda: False)
 )
 
 
