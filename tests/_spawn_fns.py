@@ -483,3 +483,20 @@ def stop_rank_then_all_reduce(victim: int) -> float:
     if topo.current().rank == victim:
         os.kill(os.getpid(), signal.SIGSTOP)
     return float(topo.all_reduce(torch.ones(1), axis=("dp", "tp")).item())
+
+
+def repeated_sends(calls: int) -> list[int]:
+    """Index 0 sends one tensor ``calls`` times to index 1 along "pp", which receives them;
+    each rank reports how many tensors its pair communicator holds for gloo's worker after
+    every call (tests/test_handoff.py)."""
+    ctx = topo.current()
+    me = ctx.axis_index("pp")
+    x = torch.ones(1)
+    held = []
+    for _ in range(calls):
+        if me == 0:
+            topo.send(x, "pp", dst=1)
+        else:
+            topo.recv((1,), torch.float32, "pp", src=0)
+        held.append(len(ctx.pair_communicator(("pp",), 1 - me, "cpu").handed))  # type: ignore[attr-defined]
+    return held

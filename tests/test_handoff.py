@@ -6,9 +6,12 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+import _spawn_fns
+import pytest
 import torch
 import torch.distributed as dist
 
+import topo
 from topo.communicators.gloo import GlooCommunicator
 from topo.communicators.handoff import HandedTensors
 
@@ -58,3 +61,31 @@ def test_a_real_gloo_call_holds_its_tensors_only_until_the_worker_lets_go() -> N
         assert len(comm.handed) == 0
     finally:
         comm.close()
+
+
+def test_a_tensor_handed_again_is_held_once_with_its_first_count() -> None:
+    handed = HandedTensors()
+    t = torch.zeros(2)
+    first = handed.counts([t])[0]
+    workers = []
+    for _ in range(100):  # 100 calls still outstanding on the same tensor: one entry
+        before = handed.counts([t])
+        workers.append(t.view(-1))  # the worker's reference of this call
+        handed.keep([t], before)
+    assert len(handed) == 1 and handed._held[id(t)][1] == first
+    workers.pop()  # one call done, 99 still refer to t: held
+    handed.sweep()
+    assert len(handed) == 1
+    workers.clear()
+    handed.sweep()
+    assert len(handed) == 0
+
+
+@pytest.mark.multiprocess
+def test_a_sender_ahead_of_its_receiver_holds_one_entry_not_one_per_send() -> None:
+    """A pipeline stage that sends the same buffer again and again while its peer is behind:
+    gloo's worker still refers to the buffer after each send returns. The sender used to hold
+    one entry per outstanding send and scan them all on every call (the time per send grew
+    with the backlog); it holds the buffer once."""
+    held = topo.spawn(_spawn_fns.repeated_sends, topo.DeviceMesh(pp=2), 300, timeout=120)
+    assert max(max(per_rank) for per_rank in held) <= 2, held

@@ -44,6 +44,11 @@ class HandedTensors:
     Take :meth:`counts` of the tensors before handing them to gloo and :meth:`keep` them once
     the call has been waited for; each later call sweeps the ones gloo has let go of.
 
+    Each tensor is held once, with its use count before the first call that is still
+    outstanding: a tensor handed to gloo again and again (a pipeline stage that sends the same
+    buffer while its peer is behind) is one entry, not one per call, so a sweep costs the
+    number of distinct tensors gloo still refers to, not the number of calls made.
+
     Example::
 
         handed = HandedTensors()
@@ -53,7 +58,8 @@ class HandedTensors:
     """
 
     def __init__(self) -> None:
-        self._held: list[tuple[torch.Tensor, int]] = []
+        #: id(tensor) -> (tensor, its use count before gloo first referred to it)
+        self._held: dict[int, tuple[torch.Tensor, int]] = {}
 
     def __len__(self) -> int:
         return len(self._held)
@@ -80,7 +86,7 @@ class HandedTensors:
             self.sweep()
         for tensor, count in zip(tensors, before, strict=True):
             if use_count(tensor) > count:
-                self._held.append((tensor, count))
+                self._hold(tensor, count)
 
     def keep_one(self, tensor: torch.Tensor, before: int) -> None:
         """:meth:`keep` for one tensor (the all-reduce hot path: no lists, no zip).
@@ -92,7 +98,15 @@ class HandedTensors:
         if self._held:
             self.sweep()
         if use_count(tensor) > before:
-            self._held.append((tensor, before))
+            self._hold(tensor, before)
+
+    def _hold(self, tensor: torch.Tensor, before: int) -> None:
+        # Held already (an earlier call is still outstanding): its count from before that
+        # call is the lower one, the count to wait for. The entry keeps the tensor alive, so
+        # its id stays its own while it is here.
+        held = self._held.get(id(tensor))
+        if held is None or held[1] > before:
+            self._held[id(tensor)] = (tensor, before)
 
     def sweep(self) -> None:
         """Release the held tensors gloo's worker has let go of.
@@ -101,7 +115,9 @@ class HandedTensors:
 
             handed.sweep()
         """
-        self._held = [(t, count) for t, count in self._held if use_count(t) > count]
+        self._held = {
+            key: entry for key, entry in self._held.items() if use_count(entry[0]) > entry[1]
+        }
 
     def clear(self) -> None:
         """Release everything (once the process group is gone and its workers with it).
