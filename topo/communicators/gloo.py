@@ -280,6 +280,9 @@ class GlooCommunicator:
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
         self.flight.record("send/recv")
+        if len(sends) + len(recvs) == 1:  # one tensor, the pipeline stage's hot path
+            self._one_way(*(sends[0] if sends else recvs[0]), bool(sends))
+            return
         into = [(peer, _as_bytes(buf)) for peer, buf in recvs]
         out = [(peer, _as_bytes(t)) for peer, t in sends]
         tensors = [t for _, t in into + out]
@@ -293,6 +296,19 @@ class GlooCommunicator:
             raise self._error("send/recv", error) from None
         del works  # each Work refers to its tensors
         self.handed.keep(tensors, before)
+
+    def _one_way(self, peer: int, tensor: torch.Tensor, send: bool) -> None:
+        """:meth:`exchange` of one tensor: one send or one receive, no lists."""
+        t = _as_bytes(tensor)
+        pg = self._pg if self._pg is not None else self.pg
+        before = use_count(t)
+        try:
+            work = pg.send([t], peer, 0) if send else pg.recv([t], peer, 0)
+            work.wait()
+        except RuntimeError as error:
+            raise self._error("send/recv", error) from None
+        del work  # it refers to t
+        self.handed.keep_one(t, before)
 
     def barrier(self) -> None:
         self._run("barrier", lambda: self.pg.barrier(self._barrier_options), (), None)
