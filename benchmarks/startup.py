@@ -16,7 +16,10 @@ environment as torchrun would set it), each of which imports torch, then times:
   with the number of axes, not with the world size.
 
 Launches alternate which of the two goes first (a warm page cache helps the second); the
-figures are medians over launches. Run:
+figures are medians over launches, and each side's best launch. torch's start is bimodal on
+a small machine: about 0.02 s when every rank's gloo connects at once, about 0.5 s when one
+waits out gloo's connect retry, so its median over a few launches can land on either side;
+``--launches 9`` or more shows which. Run:
 ``python benchmarks/startup.py`` (about a minute on 2 cores; ``--launches`` to change).
 """
 
@@ -136,8 +139,9 @@ def compare(shape: list[int], launches: int) -> dict[str, Any]:
                 ops.append(max(r["ops"] for r in ranks))
                 loaded = {m: any(r["loaded"][m] for r in ranks) for m in ranks[0]["loaded"]}
     medians = {k: {f: statistics.median(v) for f, v in by.items()} for k, by in figures.items()}
-    return {"shape": shape, "medians": medians, "store_ops": max(ops), "loaded": loaded,
-            "launches": launches}  # fmt: skip
+    bests = {k: {f: min(v) for f, v in by.items()} for k, by in figures.items()}
+    return {"shape": shape, "medians": medians, "bests": bests, "store_ops": max(ops),
+            "loaded": loaded, "launches": launches}  # fmt: skip
 
 
 def main() -> None:
@@ -154,15 +158,17 @@ def main() -> None:
     print(f"python -c 'import topo' (torch not imported): {time.perf_counter() - t0:.3f} s")
     results = []
     print("| mesh | topo import s | topo activate s | topo start s | torch start s | "
-          "topo/torch | store ops per rank | dynamo / custom ops loaded |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+          "topo/torch | best: topo s / torch s | store ops per rank | "
+          "dynamo / custom ops loaded |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for shape, launches in (([2, 2], args.launches), ([2, 2, 2], args.launches),
                             ([4, 4, 2], max(1, args.launches // 5))):  # fmt: skip
         r = compare(shape, launches)
         results.append(r)
         t, h = r["medians"]["topo"], r["medians"]["torch"]
+        best = f"{r['bests']['topo']['start']:.3f} / {r['bests']['torch']['start']:.3f}"
         print(f"| {'x'.join(map(str, shape))} | {t['import']:.3f} | {t['activate']:.3f} | "
-              f"{t['start']:.3f} | {h['start']:.3f} | {t['start'] / h['start']:.2f} | "
+              f"{t['start']:.3f} | {h['start']:.3f} | {t['start'] / h['start']:.2f} | {best} | "
               f"{r['store_ops']} | {r['loaded']['torch._dynamo']} / "
               f"{r['loaded']['topo.ops.all_reduce']} |", flush=True)  # fmt: skip
     if args.json:
