@@ -313,9 +313,15 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
     result: dict[str, dict[str, list[float]]] = {}
     barrier = dist.BarrierOptions()
     per_rep = 100 if nbytes < (1 << 20) else 1  # small messages: blocks of calls
+    # Warm every implementation up with a few blocks: a gloo process group's first few
+    # hundred small messages between two ranks are slower (4 B send/recv: about 2.6 ms per
+    # call in the first 100, 0.2 ms from the third 100 on), and topo's send/recv runs on its
+    # own pair group, new here, while the raw call's group is warm from the collectives before.
+    warm = 3 * per_rep
     for collective, calls in table.items():
         for fn in calls.values():
-            fn()
+            for _ in range(warm):
+                fn()
         times: dict[str, list[float]] = {k: [] for k in calls}
         orders = list(itertools.permutations(calls))
         for rep in range(reps):
