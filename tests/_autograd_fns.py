@@ -308,3 +308,17 @@ def compiled_checks() -> dict[str, Any]:
     report["opcheck"] = checked
     report["opcheck_s"] = time.perf_counter() - started
     return report
+
+
+class _DoubledSum(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return topo.all_reduce(x * 2, "tp")
+
+
+def exported_all_reduce() -> tuple[list[str], list[float]]:
+    """``torch.export`` of a module with an all_reduce, non-strict (the Python code runs on fake
+    tensors, and only ``torch.compiler.is_compiling()`` says so): the topo ops in the exported
+    graph, and what the exported program returns when run on every rank."""
+    program = torch.export.export(_DoubledSum(), (torch.ones(4),), strict=False)
+    ops = sorted({str(node.target) for node in program.graph.nodes if "topo" in str(node.target)})
+    return ops, program.module()(torch.ones(4)).tolist()

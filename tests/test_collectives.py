@@ -402,3 +402,46 @@ def test_store_ops_do_not_grow_with_world_size(spawn_timeout: int) -> None:
     # activation + one collective over tp (size 2 in both meshes): the same cost per rank
     assert set(small) == set(large), (small, large)
     assert max(large) < 40
+
+
+#: Dtypes off dim 0 gathers must move bit-exact: one torch.cat has kernels for, and newer ones
+#: it has none for on CPU (those take a copy of a permuted view).
+_GATHER_DTYPES = [torch.float32, torch.bool, torch.complex64] + [
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn_x2")
+    if hasattr(torch, name)
+]
+
+
+def _gather_input(index: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (3, 4) tensor of ``dtype`` from distinct bytes per index (no NaN bit patterns: each
+    byte is below 0x7F; 0 or 1 for bool)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.arange(12 * size, dtype=torch.uint8) + 40 * index
+    raw = raw % 2 if dtype == torch.bool else raw % 0x7F
+    return raw.reshape(3, 4 * size).view(dtype)
+
+
+def _gathers_off_dim_0(dtype: torch.dtype) -> dict[str, list[list[int]]]:
+    x = _gather_input(topo.axis_index("tp"), dtype)
+    out = torch.empty(8, 3, dtype=dtype).t()  # the result's shape, not contiguous
+    results = {
+        "all_gather": topo.all_gather(x, "tp", dim=1),
+        "all_gather out=": topo.all_gather(x, "tp", dim=1, out=out),
+        "gather": topo.gather(x, "tp", dst=0, dim=1),
+    }
+    assert results["all_gather out="] is out
+    return {
+        k: v.contiguous().view(torch.uint8).tolist() for k, v in results.items() if v is not None
+    }
+
+
+@pytest.mark.parametrize("dtype", _GATHER_DTYPES, ids=str)
+def test_gathers_off_dim_0_move_every_dtype_bit_exact(dtype: torch.dtype) -> None:
+    expected = torch.cat([_gather_input(i, dtype).view(torch.uint8) for i in range(2)], 1)
+    for rank, got in enumerate(topo.simulate(DeviceMesh(tp=2), _gathers_off_dim_0, dtype)):
+        assert got["all_gather"] == expected.tolist(), rank
+        assert got["all_gather out="] == expected.tolist(), rank
+        assert ("gather" in got) == (rank == 0) and got.get("gather", expected.tolist()) == (
+            expected.tolist()
+        ), rank

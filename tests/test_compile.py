@@ -82,3 +82,12 @@ def test_plain_collectives_register_no_custom_op(python_subprocess: Any) -> None
     done = python_subprocess(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "True", "True"]
+
+
+@pytest.mark.multiprocess
+def test_non_strict_export_records_the_custom_op_and_runs() -> None:
+    """Non-strict ``torch.export`` traces the collective as ``torch.ops.topo.all_reduce`` (a
+    plain call would hand gloo a fake tensor), and the exported program reduces."""
+    for ops, values in topo.spawn(fns.exported_all_reduce, DeviceMesh(tp=2), timeout=240):
+        assert ops == ["topo.all_reduce.default"]
+        assert values == [4.0, 4.0, 4.0, 4.0]

@@ -210,13 +210,29 @@ def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object
     return x.reshape(shape).movedim(dim, 0).contiguous()
 
 
-def concat_chunks(stacked: torch.Tensor, dim: int) -> torch.Tensor:
-    """Concatenate the chunks of a stacked ``(n, *s)`` tensor along ``dim`` of ``s``."""
-    if dim == 0:
-        n, *shape = stacked.shape
-        shape[0] *= n
-        return stacked.reshape(shape)
-    return torch.cat(stacked.unbind(0), dim)  # one copy: faster than movedim + reshape
+#: The dtypes ``torch.cat`` has kernels for on every device (it has none for some newer ones,
+#: e.g. ``float4_e2m1fn_x2`` on CPU, which a copy of a permuted view moves bit-exact).
+CAT_DTYPES = frozenset({
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.complex64, torch.complex128,
+})  # fmt: skip
+
+
+def concat_chunks(
+    stacked: torch.Tensor, dim: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Concatenate the chunks of a stacked ``(n, *s)`` tensor along ``dim`` of ``s`` (into
+    ``out`` when given: the result's shape, any strides)."""
+    if stacked.dtype in CAT_DTYPES and (dim or out is not None):  # one copy: faster than movedim
+        chunks = stacked.unbind(0)
+        return torch.cat(chunks, dim) if out is None else torch.cat(chunks, dim, out=out)
+    n, *shape = stacked.shape
+    if out is not None:  # a copy of the permuted chunks into out's own layout
+        out.view(*shape[:dim], n, *shape[dim:]).copy_(stacked.movedim(0, dim))
+        return out
+    shape[dim] *= n
+    return stacked.reshape(shape) if dim == 0 else stacked.movedim(0, dim).reshape(shape)
 
 
 def check_out(

@@ -51,7 +51,7 @@ def all_gather(
         if into is not None and d == 0 and out.is_contiguous():
             return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
         stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out
-        return torch.cat(stacked.unbind(0), d, out=out)
+        return concat_chunks(stacked, d, out)
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
     comm = ctx.communicator(names, device)

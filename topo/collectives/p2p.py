@@ -71,11 +71,11 @@ def recv(
                 acts = topo.recv((4, 1024), torch.bfloat16, axis="pp", src=0)
     """
     ctx, names, n = find_context(axis, "recv")
-    dims = _dims(shape)
     try:
         template, kind = _TEMPLATES[dtype, device]
     except (KeyError, TypeError):
         template, kind = _template(dtype, device)
+    dims = _dims(shape)
     comm = _pair(ctx, names, n, axis, src, "recv", "src", kind)
     pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
     buffer: torch.Tensor
@@ -93,9 +93,10 @@ _TEMPLATES: dict[tuple[object, object], tuple[torch.Tensor, str]] = {}
 
 
 def _template(dtype: object, device: object) -> tuple[torch.Tensor, str]:
-    """recv's checked ``dtype`` and ``device`` as an empty tensor and its device type
-    (remembered in ``_TEMPLATES``, except for ``"cuda"`` without an index: that follows the
-    current device)."""
+    """recv's checked ``dtype`` and ``device`` as an empty tensor and its device type,
+    remembered in ``_TEMPLATES`` for a ``device`` given as a string or a torch.device (an int
+    is not remembered: ``0 == False``), except ``"cuda"`` without an index, which follows the
+    current device."""
     if not isinstance(dtype, torch.dtype):
         raise TopoTypeError(
             f"topo.recv dtype requires a torch.dtype like torch.float32, but got "
@@ -120,7 +121,7 @@ def _template(dtype: object, device: object) -> tuple[torch.Tensor, str]:
     template = torch.empty(0, dtype=dtype, device=place)
     if kind not in ("cpu", "cuda"):
         device_type(template, "recv", "device")  # raises
-    if kind == "cpu" or place.index is not None:
+    if (kind == "cpu" or place.index is not None) and type(device) in (str, torch.device):
         _TEMPLATES[dtype, device] = (template, kind)
     return template, kind
 

@@ -24,12 +24,11 @@ from topo.errors import TopoValueError
 from topo.mesh import Axis
 
 __all__: list[str] = []
-_compiler = getattr(torch, "compiler", None)
-#: Whether torch.compile (dynamo) is tracing the caller. ``is_dynamo_compiling`` is False in
-#: eager in one Python call (``is_compiling`` makes two: it asks TorchScript first), and dynamo
-#: folds it to True while tracing, as it does ``is_compiling``.
+#: Whether torch.compile is tracing the caller, or torch.export (non-strict export runs the
+#: Python code on fake tensors with only ``torch.compiler``'s flag set: not
+#: ``is_dynamo_compiling``, which would be one Python call cheaper).
 _is_compiling: Callable[[], bool] = getattr(
-    _compiler, "is_dynamo_compiling", getattr(_compiler, "is_compiling", lambda: False)
+    getattr(torch, "compiler", None), "is_compiling", lambda: False
 )
 
 
