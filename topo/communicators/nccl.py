@@ -197,10 +197,8 @@ class NcclCommunicator:
     def _moved(x: torch.Tensor) -> tuple[int, int]:
         """``(count, ncclDataType_t)`` to move ``x`` unreduced: its elements, or its bytes for
         dtypes NCCL has no type for (8-bit floats, complex, bool, ...)."""
-        code = _CODES.get(x.dtype)
-        if code is not None:
-            return x.numel(), code
-        return x.numel() * x.element_size(), _UINT8
+        code, scale = _MOVED[x.dtype]
+        return x.numel() * scale, code
 
     def _reduce_codes(self, x: torch.Tensor, op: ReduceOp) -> tuple[int, int, bool]:
         """``(dtype code, op code, native)`` for reducing ``x``; ``native`` is False where
@@ -265,8 +263,8 @@ class NcclCommunicator:
         if x.device != self.device:
             self._check(x, "all_gather")
         comm = self._comm or self._live()
-        code = _CODES.get(x.dtype)  # _moved, inlined
-        count, code = (x.numel(), code) if code is not None else (x.nbytes, _UINT8)
+        code, scale = _MOVED[x.dtype]  # _moved, inlined
+        count = x.numel() * scale
         try:
             comm.allGather(x.data_ptr(), out.data_ptr(), count, code, self._stream())
         except self._nccl.NcclError as error:
@@ -314,8 +312,8 @@ class NcclCommunicator:
             self._check(x, "broadcast")
         comm = self._comm or self._live()
         y = torch.empty_like(x)
-        code = _CODES.get(x.dtype)  # _moved, inlined
-        count, code = (x.numel(), code) if code is not None else (x.nbytes, _UINT8)
+        code, scale = _MOVED[x.dtype]  # _moved, inlined
+        count = x.numel() * scale
         try:
             comm.broadcast(x.data_ptr(), y.data_ptr(), count, code, src, self._stream())
         except self._nccl.NcclError as error:
@@ -396,9 +394,8 @@ class NcclCommunicator:
             out, row_elements = x.new_empty(sum(sizes)), 1
         else:
             out, row_elements = x.new_empty(sum(sizes), *shape[1:]), math.prod(shape[1:])
-        code, row_bytes = _CODES.get(x.dtype), row_elements * x.element_size()
-        per_row = row_elements if code is not None else row_bytes  # elements, or bytes
-        code = _UINT8 if code is None else code
+        code, scale = _MOVED[x.dtype]
+        per_row, row_bytes = row_elements * scale, row_elements * x.element_size()
         mine = sizes[self.index] * per_row
         sent, received = x.data_ptr(), out.data_ptr()
         comm, stream = self._comm or self._live(), self._stream()
@@ -432,10 +429,8 @@ class NcclCommunicator:
         row_elements = math.prod(x.shape[1:])
         if row_elements == 0:
             return out  # rows of no elements: nothing to move (the same row shape everywhere)
-        code = _CODES.get(x.dtype)
-        per_row = row_elements if code is not None else row_elements * x.element_size()
-        code = _UINT8 if code is None else code
-        row_bytes = row_elements * x.element_size()
+        code, scale = _MOVED[x.dtype]
+        per_row, row_bytes = row_elements * scale, row_elements * x.element_size()
         sent, received = x.data_ptr(), out.data_ptr()
 
         def move(comm: Any, stream: int) -> None:
@@ -470,17 +465,11 @@ class NcclCommunicator:
             nccl.groupStart()
             try:
                 for peer, t in sends:
-                    code = _CODES.get(t.dtype)
-                    if code is None:
-                        comm.send(t.data_ptr(), t.nbytes, _UINT8, peer, stream)
-                    else:
-                        comm.send(t.data_ptr(), t.numel(), code, peer, stream)
+                    code, scale = _MOVED[t.dtype]
+                    comm.send(t.data_ptr(), t.numel() * scale, code, peer, stream)
                 for peer, buf in recvs:
-                    code = _CODES.get(buf.dtype)
-                    if code is None:
-                        comm.recv(buf.data_ptr(), buf.nbytes, _UINT8, peer, stream)
-                    else:
-                        comm.recv(buf.data_ptr(), buf.numel(), code, peer, stream)
+                    code, scale = _MOVED[buf.dtype]
+                    comm.recv(buf.data_ptr(), buf.numel() * scale, code, peer, stream)
             finally:
                 nccl.groupEnd()
         except nccl.NcclError as error:
@@ -592,3 +581,19 @@ class NcclCommunicator:
 _CODES = dict(NCCL_DTYPES)
 _OPS = dict(NCCL_OPS)
 _UINT8 = NCCL_DTYPES[torch.uint8]
+
+
+class _MovedAs(dict[torch.dtype, tuple[int, int]]):
+    """dtype -> ``(ncclDataType_t, units per element)`` to move a tensor unreduced: its own
+    NCCL type, one unit per element; or, for dtypes NCCL has no type for (8-bit floats,
+    complex, bool, ...), ``ncclUint8`` and its element size in bytes. Filled on first use of
+    each dtype, then one dict lookup per call."""
+
+    def __missing__(self, dtype: torch.dtype) -> tuple[int, int]:
+        code = _CODES.get(dtype)
+        moved = (code, 1) if code is not None else (_UINT8, dtype.itemsize)
+        self[dtype] = moved
+        return moved
+
+
+_MOVED = _MovedAs()
