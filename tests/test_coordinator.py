@@ -6,6 +6,7 @@ All but the last test run in this process on one rank; the last spawns three.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import _spawn_fns as fns
@@ -113,3 +114,60 @@ def test_back_to_back_activations_on_a_rank0_hosted_store(spawn_timeout: int) ->
     # reach the new one, not fail on the old (the srun / mpirun case).
     results = topo.spawn(fns.back_to_back_on_own_store, DeviceMesh(a=3), 6, timeout=spawn_timeout)
     assert results == [[3.0 * i for i in range(6)]] * 3
+
+
+@pytest.mark.parametrize("first", [0, 1], ids=["collector-first", "other-first"])
+@pytest.mark.parametrize("secret", [None, b"s" * 16], ids=["plain", "sealed"])
+def test_barrier_timeout_names_the_missing_rank_on_every_waiter(
+    secret: bytes | None, first: int
+) -> None:
+    """Rank 3 joins but never reaches the barrier; rank ``first`` times out first (rank 0
+    collects the sealed barrier's arrivals, rank 1 waits for its ``done``). Every other waiter
+    must then end with that rank's verdict naming rank 3 — at once, not after its own timeout
+    — and never with an empty list of missing ranks (wake-up marks set in the arrival keys
+    must not read as arrivals)."""
+    import threading
+
+    from topo.coordinator import Coordinator
+    from topo.errors import RendezvousTimeout
+
+    store = torch.distributed.HashStore()
+    coords: dict[int, Coordinator] = {}
+
+    def join(rank: int) -> None:
+        coords[rank] = Coordinator.join(
+            World(rank=rank, world_size=4), timeout=timedelta(seconds=10), store=store,
+            namespace="race", secret=secret,
+        )  # fmt: skip
+
+    joiners = [threading.Thread(target=join, args=(r,)) for r in range(4)]
+    for thread in joiners:
+        thread.start()
+    for thread in joiners:
+        thread.join(30)
+    assert sorted(coords) == [0, 1, 2, 3]
+    for rank in (0, 1, 2):
+        coords[rank].timeout = timedelta(seconds=0.5 if rank == first else 8)
+    outcome: dict[int, tuple[str, float]] = {}
+
+    def wait_at_barrier(rank: int) -> None:
+        start = time.monotonic()
+        try:
+            coords[rank].barrier("gate")
+            outcome[rank] = ("passed", time.monotonic() - start)
+        except RendezvousTimeout as error:
+            outcome[rank] = (str(error), time.monotonic() - start)
+
+    waiters = [threading.Thread(target=wait_at_barrier, args=(r,)) for r in (0, 1, 2)]
+    for thread in waiters:
+        thread.start()
+    for thread in waiters:
+        thread.join(30)
+    assert sorted(outcome) == [0, 1, 2], outcome
+    for rank, (message, took) in outcome.items():
+        assert "rank(s) [3]" in message and "did not arrive" in message, (rank, message)
+        assert "rank(s) []" not in message, (rank, message)
+        assert took < 5, (rank, took)  # woken by rank 0's verdict, not its own 8 s timeout
+    assert f"timed out after 0.5 s on rank {first}" in outcome[first][0]
+    for rank in {0, 1, 2} - {first}:
+        assert f"failed on rank {rank}: rank {first} timed out" in outcome[rank][0]

@@ -268,15 +268,19 @@ class Coordinator:
         or corrupt it so that the server drops the connection of the next rank that adds).
         The first member waits for every member's sealed arrival mark and checks each, then
         sets a sealed ``done``; the others wait for ``done`` and check its seal."""
+        arrivals = [f"{base}/arrived/{r}" for r in members]
+        # One verdict key for the collector and the others, and a first waiter to time out
+        # wakes both kinds of wait (a woken arrival mark is then never read as an arrival).
+        verdict, wake = f"{base}/failed", [*arrivals, f"{base}/done"]
+        what, arrived = f"barrier {name!r}", f"{base}/arrived"
         if self.rank == members[0]:
-            arrivals = [f"{base}/arrived/{r}" for r in members]
-            self._wait(arrivals, f"barrier {name!r}", members, f"{base}/arrived")
+            self._wait(arrivals, what, members, arrived, verdict=verdict, wake=wake)
             self.store.multi_get(arrivals)  # each must carry the job's seal
-            if self.store.check([f"{base}/failed"]):
-                self._follow_verdict(f"{base}/failed", f"barrier {name!r}")
+            if self.store.check([verdict]):
+                self._follow_verdict(verdict, what)
             self.store.set(f"{base}/done", b"1")
         else:
-            self._wait([f"{base}/done"], f"barrier {name!r}", members, f"{base}/arrived")
+            self._wait([f"{base}/done"], what, members, arrived, verdict=verdict, wake=wake)
             self.store.get(f"{base}/done")  # set by a member, not forged
 
     def _members(self, ranks: Sequence[int] | None, what: str) -> tuple[int, ...]:
@@ -458,12 +462,21 @@ class Coordinator:
     # ----------------------------------------------------------------- helpers
 
     def _wait(
-        self, keys: list[str], what: str, members: Sequence[int], arrived: str | None
+        self,
+        keys: list[str],
+        what: str,
+        members: Sequence[int],
+        arrived: str | None,
+        *,
+        verdict: str | None = None,
+        wake: list[str] | None = None,
     ) -> None:
         """Wait for ``keys`` at most the timeout. The first rank to time out publishes its
-        verdict (which ranks did not arrive) and sets the awaited keys, so every other waiter
-        wakes at once and ends with that verdict instead of a lost connection."""
-        verdict_key = f"{keys[0].rsplit('/', 1)[0]}/failed"
+        verdict (which ranks did not arrive) at ``verdict`` (default: ``failed`` beside the
+        first key) and sets the keys in ``wake`` (default: ``keys``), so every other waiter
+        wakes at once and ends with that verdict instead of a lost connection. Waiters that
+        wait for different keys must share ``verdict`` and ``wake``."""
+        verdict_key = verdict or f"{keys[0].rsplit('/', 1)[0]}/failed"
         try:
             self.store.wait(keys, self.timeout)
         except StoreLostError:
@@ -488,7 +501,7 @@ class Coordinator:
             # the arrival keys: it set its verdict first, so follow that one.
             if self.store.check([verdict_key]):
                 self._follow_verdict(verdict_key, what)
-        self._publish_verdict(verdict_key, missing, len(members) - len(missing), keys)
+        self._publish_verdict(verdict_key, missing, len(members) - len(missing), wake or keys)
         raise RendezvousTimeout(
             f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
             f"rank {self.rank}: rank(s) {_short(missing)} of {_short(list(members))} did not "
