@@ -36,6 +36,7 @@ FLOORS: dict[str, int] = {
     "topo.codec": 2,
     "topo.store": 2,
     "topo.generation": 2,
+    "topo.verdict": 2,
     "topo.communicators": 3,
     "topo.context": 4,
     "topo.active": 4,

@@ -27,7 +27,6 @@ import topo._dist as dist
 from topo.errors import (
     AuthenticationError,
     RendezvousError,
-    RendezvousTimeout,
     StoreLostError,
     TopoTypeError,
     TopoValueError,
@@ -36,18 +35,10 @@ from topo.generation import is_connection_loss, open_generation, opening_alarm
 from topo.process_identity import identity
 from topo.secret import Sealer
 from topo.store import BoundedStore, connect_store
+from topo.verdict import LINGER_SECONDS, follow_verdict, wait_or_verdict
 from topo.world import World
 
 __all__ = ["Coordinator"]
-
-#: How long the store's host stays up after a rendezvous failed, so that the ranks still
-#: waiting read its verdict (which ranks did not arrive) instead of a lost connection.
-LINGER_SECONDS = 5.0
-
-#: What a rank that timed out writes into the keys its peers still wait for, to wake them
-#: (they then read its verdict).
-_WAKE = b"topo:failed"
-
 
 class Coordinator:
     """Rendezvous, barrier, byte broadcast and object all-gather for one activation.
@@ -250,10 +241,10 @@ class Coordinator:
             # Last to arrive — unless the others already gave up on this round (then it must
             # fail with them, not run on alone).
             if self.store.check([f"{base}/failed"]):
-                self._follow_verdict(f"{base}/failed", f"barrier {name!r}")
+                follow_verdict(self, f"{base}/failed", f"barrier {name!r}")
             self.store.set(f"{base}/done", b"1")
         else:
-            self._wait([f"{base}/done"], f"barrier {name!r}", members, f"{base}/arrived")
+            wait_or_verdict(self, [f"{base}/done"], f"barrier {name!r}", members, f"{base}/arrived")
         # Every member has now passed the earlier rounds of these members: their keys can go.
         for key in self._pending_deletes.pop(members_id, []):
             self.store.delete_key(key)
@@ -274,13 +265,14 @@ class Coordinator:
         verdict, wake = f"{base}/failed", [*arrivals, f"{base}/done"]
         what, arrived = f"barrier {name!r}", f"{base}/arrived"
         if self.rank == members[0]:
-            self._wait(arrivals, what, members, arrived, verdict=verdict, wake=wake)
+            wait_or_verdict(self, arrivals, what, members, arrived, verdict=verdict, wake=wake)
             self.store.multi_get(arrivals)  # each must carry the job's seal
             if self.store.check([verdict]):
-                self._follow_verdict(verdict, what)
+                follow_verdict(self, verdict, what)
             self.store.set(f"{base}/done", b"1")
         else:
-            self._wait([f"{base}/done"], what, members, arrived, verdict=verdict, wake=wake)
+            done = [f"{base}/done"]
+            wait_or_verdict(self, done, what, members, arrived, verdict=verdict, wake=wake)
             self.store.get(f"{base}/done")  # set by a member, not forged
 
     def _members(self, ranks: Sequence[int] | None, what: str) -> tuple[int, ...]:
@@ -330,7 +322,7 @@ class Coordinator:
                     )
                 self.store.set(f"{base}/data", data)
                 return data
-            self._wait([f"{base}/data"], "broadcast", (src,), None)
+            wait_or_verdict(self, [f"{base}/data"], "broadcast", (src,), None)
             value = self.store.get(f"{base}/data")
             # The last reader deletes the data; with a secret there is no counter to tell who
             # is last (anyone may corrupt one): the source deletes it when the activation ends.
@@ -362,7 +354,7 @@ class Coordinator:
             mine = f"{base}/{self.rank}"
             self.store.set(mine, encoded)
             keys = [f"{base}/{r}" for r in members]
-            self._wait(keys, "all_gather_json", members, base)
+            wait_or_verdict(self, keys, "all_gather_json", members, base)
             blobs = self.store.multi_get(keys)
             values = [_from_json(k, b) for k, b in zip(keys, blobs, strict=True)]
             # (with a secret: each rank deletes its own value when the activation ends)
@@ -446,7 +438,7 @@ class Coordinator:
                 return
             marks = [f"{left}/{r}" for r in range(1, self.world_size)]
             if marks:
-                self._wait(marks, "close", range(1, self.world_size), left)
+                wait_or_verdict(self, marks, "close", range(1, self.world_size), left)
             for key in (*sorted(keep), *marks):
                 self.store.delete_key(key)
             return
@@ -455,107 +447,9 @@ class Coordinator:
                 self.store.set(everyone_left, "1")
             return
         if self.world_size > 1:
-            self._wait([everyone_left], "close", range(1, self.world_size), None)
+            wait_or_verdict(self, [everyone_left], "close", range(1, self.world_size), None)
         for key in (*sorted(keep), left, everyone_left):
             self.store.delete_key(key)
-
-    # ----------------------------------------------------------------- helpers
-
-    def _wait(
-        self,
-        keys: list[str],
-        what: str,
-        members: Sequence[int],
-        arrived: str | None,
-        *,
-        verdict: str | None = None,
-        wake: list[str] | None = None,
-    ) -> None:
-        """Wait for ``keys`` at most the timeout. The first rank to time out publishes its
-        verdict (which ranks did not arrive) at ``verdict`` (default: ``failed`` beside the
-        first key) and sets the keys in ``wake`` (default: ``keys``), so every other waiter
-        wakes at once and ends with that verdict instead of a lost connection. Waiters that
-        wait for different keys must share ``verdict`` and ``wake``."""
-        verdict_key = verdict or f"{keys[0].rsplit('/', 1)[0]}/failed"
-        try:
-            self.store.wait(keys, self.timeout)
-        except StoreLostError:
-            raise
-        except RuntimeError as error:
-            if is_connection_loss(error):
-                raise
-        else:
-            if self.store.check([verdict_key]):
-                self._follow_verdict(verdict_key, what)
-            return
-        if self.store.check([verdict_key]):
-            self._follow_verdict(verdict_key, what)
-        forged = self.store.alarm()
-        if forged is not None:  # a forged store value, refused by this rank or a peer
-            raise forged
-        missing = list(members)
-        if arrived is not None:
-            with contextlib.suppress(RuntimeError):  # the store itself may be gone
-                missing = [r for r in members if not self.store.check([f"{arrived}/{r}"])]
-            # A waiter that timed out a moment earlier may have woken the waits with marks in
-            # the arrival keys: it set its verdict first, so follow that one.
-            if self.store.check([verdict_key]):
-                self._follow_verdict(verdict_key, what)
-        self._publish_verdict(verdict_key, missing, len(members) - len(missing), wake or keys)
-        raise RendezvousTimeout(
-            f"{self.label}: {what} timed out after {self.timeout.total_seconds():g} s on "
-            f"rank {self.rank}: rank(s) {_short(missing)} of {_short(list(members))} did not "
-            f"arrive; check that they are running and call the same topo operations in "
-            f"the same order, or raise the timeout"
-        )
-
-    def _publish_verdict(self, key: str, missing: list[int], arrived: int, wake: list[str]) -> None:
-        """Tell the ranks still waiting which ranks did not arrive (and wake them by setting
-        the keys they wait for); the store's host then stays up until they have read it (at
-        most :data:`LINGER_SECONDS`)."""
-        with contextlib.suppress(Exception):
-            verdict = {"missing": missing, "by": self.rank, "arrived": arrived}
-            self.store.set(key, json.dumps(verdict).encode())
-            for awaited in wake:
-                if not self.store.check([awaited]):
-                    self.store.set(awaited, _WAKE)
-            self._linger(key, arrived)
-
-    def _linger(self, key: str, arrived: int) -> None:
-        if not self.hosts_store:
-            return
-        end = time.monotonic() + LINGER_SECONDS
-        with contextlib.suppress(Exception):
-            while time.monotonic() < end and self._readers(key) < arrived - 1:
-                time.sleep(0.05)
-
-    def _readers(self, key: str) -> int:
-        """How many ranks have read the verdict at ``key`` (with a secret: their own marks,
-        not a counter anyone could corrupt)."""
-        if not self.store.sealed:
-            return self.store.add(f"{key}/read", 0)
-        others = [r for r in range(self.world_size) if r != self.rank]
-        return sum(self.store.check_within([f"{key}/read/{r}"], 2.0) for r in others)
-
-    def _follow_verdict(self, key: str, what: str) -> None:
-        try:
-            verdict = json.loads(self.store.get(key))
-            missing = [int(r) for r in verdict["missing"]]
-            by, arrived = int(verdict["by"]), int(verdict["arrived"])
-        except (ValueError, KeyError, TypeError):
-            missing, by, arrived = [], -1, 0
-        with contextlib.suppress(Exception):
-            if self.store.sealed:
-                self.store.set_within(f"{key}/read/{self.rank}", b"1", 2.0)
-            else:
-                self.store.add(f"{key}/read", 1)
-        self._linger(key, arrived)
-        raise RendezvousTimeout(
-            f"{self.label}: {what} failed on rank {self.rank}: rank {by} timed out after "
-            f"{self.timeout.total_seconds():g} s waiting for rank(s) {_short(missing)}, which "
-            f"did not arrive; check that they are running and call the same topo operations in "
-            f"the same order, or raise the timeout"
-        )
 
 
 def _from_json(key: str, data: bytes) -> Any:
@@ -600,9 +494,3 @@ def group_id(members: tuple[int, ...], world_size: int) -> str:
         return "-".join(map(str, members))
     digest = hashlib.blake2b(repr(members).encode(), digest_size=8).hexdigest()
     return f"{members[0]}+{len(members)}+{digest}"
-
-
-def _short(ranks: list[int]) -> str:
-    if len(ranks) <= 16:
-        return str(ranks)
-    return f"[{', '.join(map(str, ranks[:16]))}, … ({len(ranks)} ranks)]"
