@@ -265,14 +265,19 @@ class Coordinator:
         verdict, wake = f"{base}/failed", [*arrivals, f"{base}/done"]
         what, arrived = f"barrier {name!r}", f"{base}/arrived"
         if self.rank == members[0]:
-            wait_or_verdict(self, arrivals, what, members, arrived, verdict=verdict, wake=wake)
+            wait_or_verdict(
+                self, arrivals, what, members, arrived, verdict=verdict, wake=wake,
+                completer=members[0],
+            )  # fmt: skip
             self.store.multi_get(arrivals)  # each must carry the job's seal
             if self.store.check([verdict]):
                 follow_verdict(self, verdict, what)
             self.store.set(f"{base}/done", b"1")
         else:
-            done = [f"{base}/done"]
-            wait_or_verdict(self, done, what, members, arrived, verdict=verdict, wake=wake)
+            wait_or_verdict(
+                self, [f"{base}/done"], what, members, arrived, verdict=verdict, wake=wake,
+                completer=members[0],
+            )  # fmt: skip
             self.store.get(f"{base}/done")  # set by a member, not forged
 
     def _members(self, ranks: Sequence[int] | None, what: str) -> tuple[int, ...]:
@@ -431,7 +436,8 @@ class Coordinator:
         self._pending_deletes = {}
         for key in sorted((leftovers | self.store.written) - keep):
             self.store.delete_key(key)
-        left, everyone_left = self.key("left"), self.key("everyone-left")
+        # (not "left/<rank>": a survivor's roll call leaves its note there)
+        left, everyone_left = self.key("closed"), self.key("everyone-closed")
         if self.store.sealed:  # no counter with a secret: each rank's own mark
             if self.rank != 0:
                 self.store.set(f"{left}/{self.rank}", b"1")

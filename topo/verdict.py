@@ -19,17 +19,21 @@ import json
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from topo.errors import RendezvousTimeout, StoreLostError
 from topo.generation import is_connection_loss
 from topo.store import BoundedStore
 
-__all__ = ["LINGER_SECONDS", "follow_verdict", "wait_or_verdict"]
+__all__ = ["GRACE_SECONDS", "LINGER_SECONDS", "follow_verdict", "wait_or_verdict"]
 
 #: How long the store's host stays up after a rendezvous failed, so that the ranks still
 #: waiting read its verdict (which ranks did not arrive) instead of a lost connection.
 LINGER_SECONDS = 5.0
+
+#: How much longer a rank that timed out waits when every member has arrived but the round
+#: is not complete (its last step, by the last rank to arrive, may be under way).
+GRACE_SECONDS = 2.0
 
 #: What a rank that timed out writes into the keys its peers still wait for, to wake them
 #: (they then read its verdict).
@@ -60,6 +64,7 @@ def wait_or_verdict(
     *,
     verdict: str | None = None,
     wake: list[str] | None = None,
+    completer: int | None = None,
 ) -> None:
     """Wait for ``keys`` at most the waiter's timeout. The first rank to time out publishes
     its verdict (which ``members`` have no key under ``arrived``) at ``verdict`` (default:
@@ -67,11 +72,16 @@ def wait_or_verdict(
     every other waiter wakes at once and ends with that verdict. Waiters that wait for
     different keys in one round must pass the same ``verdict`` and ``wake``.
 
+    When every member has arrived but ``keys`` are still unset, the rank that completes the
+    round is late or stopped right after arriving: it gets :data:`GRACE_SECONDS` more, then
+    the verdict names it (``completer``, where the round has a fixed one).
+
     Example::
 
         wait_or_verdict(coord, [f"{base}/{r}" for r in members], "all_gather_json", members, base)
     """
     store = waiter.store
+    seconds = waiter.timeout.total_seconds()
     verdict_key = verdict or f"{keys[0].rsplit('/', 1)[0]}/failed"
     try:
         store.wait(keys, waiter.timeout)
@@ -97,12 +107,47 @@ def wait_or_verdict(
         # the arrival keys: it set its verdict first, so follow that one.
         if store.check([verdict_key]):
             follow_verdict(waiter, verdict_key, what)
-    _publish(waiter, verdict_key, missing, len(members) - len(missing), wake or keys)
+        if not missing and _set_within(store, keys, GRACE_SECONDS):
+            if store.check([verdict_key]):
+                follow_verdict(waiter, verdict_key, what)
+            return  # the round's last step came just after this rank's timeout
+    stalled = None if missing else completer
+    verdict_value = {"missing": missing, "by": waiter.rank, "arrived": len(members) - len(missing),
+                     "seconds": seconds, "stalled": stalled}  # fmt: skip
+    _publish(waiter, verdict_key, verdict_value, wake or keys)
     raise RendezvousTimeout(
-        f"{waiter.label}: {what} timed out after {waiter.timeout.total_seconds():g} s on "
-        f"rank {waiter.rank}: rank(s) {short(missing)} of {short(list(members))} did not "
-        f"arrive; check that they are running and call the same topo operations in "
-        f"the same order, or raise the timeout"
+        f"{waiter.label}: {what} timed out after {seconds:g} s on rank {waiter.rank}: "
+        f"{_absent(missing, stalled, members)}; check that they are running and call the same "
+        f"topo operations in the same order, or raise the timeout"
+    )
+
+
+def _set_within(store: BoundedStore, keys: list[str], seconds: float) -> bool:
+    """Whether ``keys`` are all set within ``seconds`` (a lost store still raises)."""
+    try:
+        store.wait(keys, timedelta(seconds=seconds))
+    except StoreLostError:
+        raise
+    except RuntimeError as error:
+        if is_connection_loss(error):
+            raise
+        return False
+    return True
+
+
+def _absent(missing: list[int], stalled: int | None, members: Sequence[int] | None) -> str:
+    """Who kept a round from completing, for a message."""
+    of = "" if members is None else f" of {short(list(members))}"
+    if missing:
+        return f"rank(s) {short(missing)}{of} did not arrive"
+    if stalled is not None:
+        return (
+            f"every rank{of} arrived, but rank {stalled}, which completes the round, did not "
+            f"complete it (it stopped or died right after arriving?)"
+        )
+    return (
+        f"every rank{of} arrived, but the round was not completed: the rank that completes it "
+        f"stopped or died right after arriving"
     )
 
 
@@ -116,11 +161,14 @@ def follow_verdict(waiter: Waiter, key: str, what: str) -> NoReturn:
             follow_verdict(coord, f"{base}/failed", "barrier 'join'")
     """
     store = waiter.store
+    seconds, stalled = waiter.timeout.total_seconds(), None
     try:
         verdict = json.loads(store.get(key))
         missing = [int(r) for r in verdict["missing"]]
         by, arrived = int(verdict["by"]), int(verdict["arrived"])
-    except (ValueError, KeyError, TypeError):
+        seconds = float(verdict.get("seconds", seconds))  # the timeout of the rank that judged
+        stalled = None if verdict.get("stalled") is None else int(verdict["stalled"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         missing, by, arrived = [], -1, 0
     with contextlib.suppress(Exception):
         if store.sealed:
@@ -128,26 +176,29 @@ def follow_verdict(waiter: Waiter, key: str, what: str) -> NoReturn:
         else:
             store.add(f"{key}/read", 1)
     _linger(waiter, key, arrived)
+    absent = (
+        f" waiting for rank(s) {short(missing)}, which did not arrive"
+        if missing
+        else f": {_absent(missing, stalled, None)}"
+    )
     raise RendezvousTimeout(
         f"{waiter.label}: {what} failed on rank {waiter.rank}: rank {by} timed out after "
-        f"{waiter.timeout.total_seconds():g} s waiting for rank(s) {short(missing)}, which "
-        f"did not arrive; check that they are running and call the same topo operations in "
-        f"the same order, or raise the timeout"
+        f"{seconds:g} s{absent}; check that they are running and call the same topo "
+        f"operations in the same order, or raise the timeout"
     )
 
 
-def _publish(waiter: Waiter, key: str, missing: list[int], arrived: int, wake: list[str]) -> None:
+def _publish(waiter: Waiter, key: str, verdict: dict[str, Any], wake: list[str]) -> None:
     """Tell the ranks still waiting which ranks did not arrive (and wake them by setting
     the keys they wait for); the store's host then stays up until they have read it (at
     most :data:`LINGER_SECONDS`)."""
     store = waiter.store
     with contextlib.suppress(Exception):
-        verdict = {"missing": missing, "by": waiter.rank, "arrived": arrived}
         store.set(key, json.dumps(verdict).encode())
         for awaited in wake:
             if not store.check([awaited]):
                 store.set(awaited, _WAKE)
-        _linger(waiter, key, arrived)
+        _linger(waiter, key, verdict["arrived"])
 
 
 def _linger(waiter: Waiter, key: str, arrived: int) -> None:
