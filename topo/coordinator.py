@@ -35,7 +35,7 @@ from topo.generation import is_connection_loss, open_generation, opening_alarm
 from topo.process_identity import identity
 from topo.secret import Sealer
 from topo.store import BoundedStore, connect_store
-from topo.verdict import LINGER_SECONDS, follow_verdict, wait_or_verdict
+from topo.verdict import LINGER_SECONDS, end_if_judged, wait_or_verdict
 from topo.world import World
 
 __all__ = ["Coordinator"]
@@ -240,8 +240,7 @@ class Coordinator:
         elif self.store.add(f"{base}/count", 1) >= len(members):
             # Last to arrive — unless the others already gave up on this round (then it must
             # fail with them, not run on alone).
-            if self.store.check([f"{base}/failed"]):
-                follow_verdict(self, f"{base}/failed", f"barrier {name!r}")
+            end_if_judged(self, f"{base}/failed", f"barrier {name!r}")
             self.store.set(f"{base}/done", b"1")
         else:
             wait_or_verdict(self, [f"{base}/done"], f"barrier {name!r}", members, f"{base}/arrived")
@@ -270,8 +269,7 @@ class Coordinator:
                 completer=members[0],
             )  # fmt: skip
             self.store.multi_get(arrivals)  # each must carry the job's seal
-            if self.store.check([verdict]):
-                follow_verdict(self, verdict, what)
+            end_if_judged(self, verdict, what)
             self.store.set(f"{base}/done", b"1")
         else:
             wait_or_verdict(

@@ -25,7 +25,7 @@ from topo.errors import RendezvousTimeout, StoreLostError
 from topo.generation import is_connection_loss
 from topo.store import BoundedStore
 
-__all__ = ["GRACE_SECONDS", "LINGER_SECONDS", "follow_verdict", "wait_or_verdict"]
+__all__ = ["GRACE_SECONDS", "LINGER_SECONDS", "end_if_judged", "wait_or_verdict"]
 
 #: How long the store's host stays up after a rendezvous failed, so that the ranks still
 #: waiting read its verdict (which ranks did not arrive) instead of a lost connection.
@@ -83,19 +83,10 @@ def wait_or_verdict(
     store = waiter.store
     seconds = waiter.timeout.total_seconds()
     verdict_key = verdict or f"{keys[0].rsplit('/', 1)[0]}/failed"
-    try:
-        store.wait(keys, waiter.timeout)
-    except StoreLostError:
-        raise
-    except RuntimeError as error:
-        if is_connection_loss(error):
-            raise
-    else:
-        if store.check([verdict_key]):
-            follow_verdict(waiter, verdict_key, what)
+    if _set_within(store, keys, seconds):
+        end_if_judged(waiter, verdict_key, what)  # woken by a rank that timed out
         return
-    if store.check([verdict_key]):
-        follow_verdict(waiter, verdict_key, what)
+    end_if_judged(waiter, verdict_key, what)
     forged = store.alarm()
     if forged is not None:  # a forged store value, refused by this rank or a peer
         raise forged
@@ -105,11 +96,9 @@ def wait_or_verdict(
             missing = [r for r in members if not store.check([f"{arrived}/{r}"])]
         # A waiter that timed out a moment earlier may have woken the waits with marks in
         # the arrival keys: it set its verdict first, so follow that one.
-        if store.check([verdict_key]):
-            follow_verdict(waiter, verdict_key, what)
+        end_if_judged(waiter, verdict_key, what)
         if not missing and _set_within(store, keys, GRACE_SECONDS):
-            if store.check([verdict_key]):
-                follow_verdict(waiter, verdict_key, what)
+            end_if_judged(waiter, verdict_key, what)
             return  # the round's last step came just after this rank's timeout
     stalled = None if missing else completer
     verdict_value = {"missing": missing, "by": waiter.rank, "arrived": len(members) - len(missing),
@@ -151,15 +140,22 @@ def _absent(missing: list[int], stalled: int | None, members: Sequence[int] | No
     )
 
 
-def follow_verdict(waiter: Waiter, key: str, what: str) -> NoReturn:
-    """Read the verdict at ``key``, say so (the store's host may be waiting for that), and
-    raise it as this rank's :class:`~topo.errors.RendezvousTimeout`.
+def end_if_judged(waiter: Waiter, key: str, what: str) -> None:
+    """If a rank that timed out has published its verdict at ``key``: read it, say so (the
+    store's host may be waiting for that) and raise it as this rank's
+    :class:`~topo.errors.RendezvousTimeout`. Otherwise return.
 
     Example::
 
-        if coord.store.check([f"{base}/failed"]):
-            follow_verdict(coord, f"{base}/failed", "barrier 'join'")
+        end_if_judged(coord, f"{base}/failed", "barrier 'join'")   # the last to arrive
+        coord.store.set(f"{base}/done", b"1")
     """
+    if waiter.store.check([key]):
+        _follow(waiter, key, what)
+
+
+def _follow(waiter: Waiter, key: str, what: str) -> NoReturn:
+    """Read the verdict at ``key``, mark it read, and raise it."""
     store = waiter.store
     seconds, stalled = waiter.timeout.total_seconds(), None
     try:
