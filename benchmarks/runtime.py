@@ -9,7 +9,9 @@
    ``init_device_mesh`` on gloo (+ one collective per dim), in the same processes;
 4. store operations per rank at activation (and for a first collective), at 4 and 8 ranks;
 5. every collective on gloo (4 ranks, 4 B and 64 MiB per rank): topo allocating, topo with
-   ``out=`` and the raw call on the same process group (``--gloo`` runs only this).
+   ``out=``, the raw call on the same process group and torch.distributed's function on it
+   (``--gloo`` runs only this; ``--rounds N``: 4 B calls of each, interleaved call by call,
+   default 600; ``--reps N``: 64 MiB calls of each, default 7).
 
 Run: ``python benchmarks/runtime.py`` (a few minutes on 2 cores); ``--small`` runs only
 section 1 (under a minute). topo and raw calls are interleaved in blocks and the statistics
@@ -252,10 +254,16 @@ def store_ops() -> dict[str, int]:
 
 
 def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[float]]]:
-    """Section 5 on each rank of a 4-rank axis: every collective with ``nbytes`` per rank —
-    topo allocating, topo with ``out=`` (where it has one), and the raw call on the same
-    ``ProcessGroupGloo`` topo's communicator wraps, into preallocated outputs — in
-    alternating order, ``reps`` times each."""
+    """Section 5 on each rank of a 4- or 2-rank mesh: every collective with ``nbytes`` per rank —
+    topo allocating, topo with ``out=`` (where it has one), the raw call on the same
+    ``ProcessGroupGloo`` topo's communicator wraps, into preallocated outputs, and
+    ``torch.distributed``'s own function on that group (``ctx.torch_group``), allocating its
+    output as a user of it does for the same result.
+
+    Small messages (under 1 MiB): ``reps`` rounds of single calls, each round calling every
+    implementation once in turn (the order rotates), each call timed on its own: the
+    implementations share the machine's noise call by call, and the figure is the median
+    over calls. Large ones: ``reps`` timed calls of each, in alternating order."""
     import torch.distributed as torch_dist
 
     import topo._dist as dist
@@ -269,7 +277,9 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
     gathered, part = torch.empty(n * count), torch.empty(count // n)
     topo.all_reduce(x, axis=names)
     pg: Any = ctx.communicator(names, "cpu").pg  # type: ignore[attr-defined]
+    group = ctx.torch_group(names)
     peer = me ^ 1  # pairs (0, 1), (2, 3) for send/recv
+    ranks = ctx.group(names)
     sizes = [count if i % 2 == 0 else count // 2 for i in range(n)]
     mine = torch.ones(sizes[me])
     allreduce, bcast = dist.AllreduceOptions(), dist.BroadcastOptions()
@@ -291,49 +301,116 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
         else:
             pg.recv([out], peer, 0).wait()
 
+    # torch 2.13 renamed these two (the old names warn); 2.4 has only the old ones
+    gather_single = (
+        getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor
+    )
+    scatter_single = (
+        getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
+    )
+
+    def torch_all_reduce() -> torch.Tensor:
+        y = x.clone()
+        torch_dist.all_reduce(y, group=group)
+        return y
+
+    def torch_all_gather() -> torch.Tensor:
+        y = x.new_empty(n * count)
+        gather_single(y, x, group=group)
+        return y
+
+    def torch_reduce_scatter() -> torch.Tensor:
+        y = x.new_empty(count // n)
+        scatter_single(y, x, group=group)
+        return y
+
+    def torch_broadcast() -> torch.Tensor:
+        y = x.clone() if me == 0 else torch.empty_like(x)
+        torch_dist.broadcast(y, src=ranks[0], group=group)
+        return y
+
+    def torch_all_to_all() -> torch.Tensor:
+        y = torch.empty_like(x)
+        torch_dist.all_to_all_single(y, x, group=group)
+        return y
+
+    def torch_p2p() -> object:
+        if me % 2 == 0:
+            return torch_dist.send(x, ranks[peer], group=group)
+        y = torch.empty(count)
+        torch_dist.recv(y, ranks[peer], group=group)
+        return y
+
     table: dict[str, dict[str, Any]] = {
         "all_reduce": {"topo": lambda: topo.all_reduce(x, names),
                        "topo out=": lambda: topo.all_reduce(x, names, out=out),
-                       "raw": raw_all_reduce},
+                       "raw": raw_all_reduce, "torch": torch_all_reduce},
         "all_gather": {"topo": lambda: topo.all_gather(x, names),
                        "topo out=": lambda: topo.all_gather(x, names, out=gathered),
                        "raw": lambda: pg.allgather([list(gathered.view(n, count).unbind(0))],
-                                                   [x]).wait()},
+                                                   [x]).wait(),
+                       "torch": torch_all_gather},
         "reduce_scatter": {"topo": lambda: topo.reduce_scatter(x, names),
                            "topo out=": lambda: topo.reduce_scatter(x, names, out=part),
-                           "raw": lambda: pg._reduce_scatter_base(part, x, reduce_scatter).wait()},
+                           "raw": lambda: pg._reduce_scatter_base(part, x, reduce_scatter).wait(),
+                           "torch": torch_reduce_scatter},
         "broadcast": {"topo": lambda: topo.broadcast(x, names),
-                      "raw": lambda: pg.broadcast([out], bcast).wait()},
+                      "raw": lambda: pg.broadcast([out], bcast).wait(),
+                      "torch": torch_broadcast},
         "all_to_all": {"topo": lambda: topo.all_to_all(x, names),
                        "raw": lambda: pg.alltoall_base(out, x, [], [],
-                                                       dist.AllToAllOptions()).wait()},
-        "send/recv": {"topo": topo_p2p, "raw": raw_p2p},
+                                                       dist.AllToAllOptions()).wait(),
+                       "torch": torch_all_to_all},
+        "send/recv": {"topo": topo_p2p, "raw": raw_p2p, "torch": torch_p2p},
         "all_gatherv": {"topo": lambda: topo.all_gatherv(mine, names, sizes=sizes)},
     }  # fmt: skip
     result: dict[str, dict[str, list[float]]] = {}
-    barrier = dist.BarrierOptions()
-    per_rep = 100 if nbytes < (1 << 20) else 1  # small messages: blocks of calls
-    # Warm every implementation up with a few blocks: a gloo process group's first few
-    # hundred small messages between two ranks are slower (4 B send/recv: about 2.6 ms per
-    # call in the first 100, 0.2 ms from the third 100 on), and topo's send/recv runs on its
-    # own pair group, new here, while the raw call's group is warm from the collectives before.
-    warm = 3 * per_rep
+    small = nbytes < (1 << 20)
+    # Warm every implementation up: a gloo process group's first few hundred small messages
+    # between two ranks are slower (4 B send/recv: about 2.6 ms per call in the first 100,
+    # 0.2 ms from the third 100 on), and topo's send/recv runs on its own pair group, new
+    # here, while the raw call's group is warm from the collectives before.
+    warm = 300 if small else 3
     for collective, calls in table.items():
         for fn in calls.values():
             for _ in range(warm):
                 fn()
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        orders = list(itertools.permutations(calls))
-        for rep in range(reps):
-            for which in orders[rep % len(orders)]:
-                fn = calls[which]
-                pg.barrier(barrier).wait()
-                start = time.perf_counter()
-                for _ in range(per_rep):
-                    fn()
-                times[which].append((time.perf_counter() - start) / per_rep)
-        result[collective] = times
+        pg.barrier(dist.BarrierOptions()).wait()
+        result[collective] = (_calls_interleaved if small else _calls_alternating)(calls, reps, pg)
     return result
+
+
+def _calls_interleaved(calls: dict[str, Any], rounds: int, pg: Any) -> dict[str, list[float]]:
+    """Each implementation's call times over ``rounds`` rounds of one call of each (the order
+    rotating round by round; every rank calls the same sequence)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    orders = list(itertools.permutations(calls))
+    clock = time.perf_counter
+    for rep in range(rounds):
+        for which in orders[rep % len(orders)]:
+            fn = calls[which]
+            start = clock()
+            fn()
+            times[which].append(clock() - start)
+    return times
+
+
+def _calls_alternating(calls: dict[str, Any], reps: int, pg: Any) -> dict[str, list[float]]:
+    """Each implementation's call times over ``reps`` calls of each, in alternating order, each
+    call started together (a barrier before it)."""
+    import topo._dist as dist
+
+    barrier = dist.BarrierOptions()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    orders = list(itertools.permutations(calls))
+    for rep in range(reps):
+        for which in orders[rep % len(orders)]:
+            fn = calls[which]
+            pg.barrier(barrier).wait()
+            start = time.perf_counter()
+            fn()
+            times[which].append(time.perf_counter() - start)
+    return times
 
 
 def _cell(value: float | None, unit: float) -> str:
@@ -344,24 +421,43 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "n/a"
 
 
-def gloo_table_report(reps: int) -> None:
-    """Section 5: print every collective's table for 4 B and 64 MiB on 4 ranks."""
-    mesh = topo.DeviceMesh(dp=2, tp=2)
-    for nbytes, unit, name in ((4, 1e6, "us"), (64 << 20, 1e3, "ms")):
-        res = topo.spawn(gloo_every_collective, mesh, nbytes, reps, timeout=900)
-        print(f"\n{nbytes} bytes per rank, 4 ranks (median of {reps} blocks, slowest rank; raw "
-              f"= the same ProcessGroupGloo, preallocated outputs)")  # fmt: skip
-        print(f"| collective | topo {name} | topo out= {name} | raw {name} | topo/raw | "
-              f"out=/raw |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|")
+def gloo_table_report(rounds: int, reps: int) -> None:
+    """Section 5: print every collective's table for 4 B (``rounds`` interleaved rounds) and
+    64 MiB (``reps`` calls of each) on 4 ranks, and for 4 B on 2 ranks (one core each here:
+    latency, not the scheduler of 4 processes on 2 cores, sets the figure)."""
+    print(f"(load average before: {_load()})")
+    for ranks, nbytes, unit, name, count in (
+        (4, 4, 1e6, "us", rounds),
+        (2, 4, 1e6, "us", rounds),
+        (4, 64 << 20, 1e3, "ms", reps),
+    ):
+        mesh = topo.DeviceMesh(dp=ranks // 2, tp=2)
+        res = topo.spawn(gloo_every_collective, mesh, nbytes, count, timeout=1800)
+        how = (
+            f"median of {count} calls of each, interleaved call by call"
+            if nbytes < (1 << 20)
+            else f"median of {count} calls of each, alternating"
+        )
+        print(f"\n{nbytes} bytes per rank, {ranks} ranks ({how}; slowest rank per call; raw = the "
+              f"same ProcessGroupGloo, preallocated outputs; torch = torch.distributed on "
+              f"that group, allocating; load average after: {_load()})")  # fmt: skip
+        print(f"| collective | topo {name} | topo out= {name} | raw {name} | torch {name} | "
+              f"topo/raw | out=/raw | torch/raw | topo/torch |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for collective in res[0]:
             med = {
                 k: statistics.median(_slowest([r[collective] for r in res], k))
                 for k in res[0][collective]
             }
-            t, o, r = med.get("topo"), med.get("topo out="), med.get("raw")
+            t, o, r, c = med.get("topo"), med.get("topo out="), med.get("raw"), med.get("torch")
             print(f"| {collective} | {_cell(t, unit)} | {_cell(o, unit)} | {_cell(r, unit)} | "
-                  f"{_ratio(t, r)} | {_ratio(o, r)} |")  # fmt: skip
+                  f"{_cell(c, unit)} | {_ratio(t, r)} | {_ratio(o, r)} | {_ratio(c, r)} | "
+                  f"{_ratio(t, c)} |")  # fmt: skip
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
 
 
 # ------------------------------------------------------------------------------ parent
@@ -428,7 +524,7 @@ def main() -> None:
     )
     if "--gloo" in sys.argv[1:]:
         print("\n## 5. every collective on gloo: topo vs the raw call on the same process group")
-        gloo_table_report(reps=7)
+        gloo_table_report(rounds=_option("--rounds", 600), reps=_option("--reps", 7))
         return
     print("\n## 1. all_reduce of a 4-byte CPU tensor: host time per call (median over blocks)")
     small_all_reduce_report()
@@ -473,7 +569,13 @@ def main() -> None:
     print(" group, not the world)")
 
     print("\n## 5. every collective on gloo: topo vs the raw call on the same process group")
-    gloo_table_report(reps=7)
+    gloo_table_report(rounds=_option("--rounds", 600), reps=_option("--reps", 7))
+
+
+def _option(flag: str, default: int) -> int:
+    """The int after ``flag`` on the command line, or ``default``."""
+    args = sys.argv[1:]
+    return int(args[args.index(flag) + 1]) if flag in args else default
 
 
 def _main_guard() -> Any:

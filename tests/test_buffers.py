@@ -95,3 +95,17 @@ def test_clone_is_a_contiguous_copy_that_never_aliases_its_input(nbytes: int) ->
         assert again.data_ptr() in pointers  # a dropped output's memory again
     else:
         assert pool.held_bytes == 0  # small copies are plain clones, never pooled
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.int8, torch.bool, torch.complex64]
+)
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3), torch.Size([4, 1, 2])])
+def test_fresh_outputs_have_the_shape_and_dtype_asked_for(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    small, large = BufferPool(), BufferPool(min_bytes=0)  # the plain and the pooled allocation
+    for pool in (small, large):
+        y = pool.empty(shape, dtype)
+        assert (y.shape, y.dtype, y.device.type) == (torch.Size(shape), dtype, "cpu")
+        assert y.is_contiguous() and not y.requires_grad

@@ -72,7 +72,7 @@ class HandedTensors:
 
             before = HandedTensors.counts([x, out])
         """
-        return [use_count(t) for t in tensors]
+        return list(map(use_count, tensors))  # no comprehension: this runs on every gloo call
 
     def keep(self, tensors: Sequence[torch.Tensor], before: Sequence[int]) -> None:
         """Hold each of ``tensors`` whose use count is still above its count ``before`` the
