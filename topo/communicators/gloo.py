@@ -185,8 +185,8 @@ class GlooCommunicator:
 
     def _all_reduce(self, y: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         """Reduce ``y`` in place over the group."""
+        pg = self._pg if self._pg is not None else self.pg  # closed: raises, nothing recorded
         self.flight.record("all_reduce", y)
-        pg = self._pg if self._pg is not None else self.pg
         before = use_count(y)
         try:
             pg.allreduce([y], self._reduce_options[op]).wait()
@@ -290,17 +290,18 @@ class GlooCommunicator:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
+        pg = self._pg if self._pg is not None else self.pg  # closed: raises, nothing recorded
         self.flight.record("send/recv")
         if len(sends) + len(recvs) == 1:  # one tensor, the pipeline stage's hot path
-            self._one_way(*(sends[0] if sends else recvs[0]), bool(sends))
+            self._one_way(pg, *(sends[0] if sends else recvs[0]), bool(sends))
             return
         into = [(peer, _as_bytes(buf)) for peer, buf in recvs]
         out = [(peer, _as_bytes(t)) for peer, t in sends]
         tensors = [t for _, t in into + out]
         before = self.handed.counts(tensors)
         try:
-            works = [self.pg.recv([buf], peer, 0) for peer, buf in into]
-            works += [self.pg.send([t], peer, 0) for peer, t in out]
+            works = [pg.recv([buf], peer, 0) for peer, buf in into]
+            works += [pg.send([t], peer, 0) for peer, t in out]
             for work in works:
                 work.wait()
         except RuntimeError as error:
@@ -308,10 +309,9 @@ class GlooCommunicator:
         del works  # each Work refers to its tensors
         self.handed.keep(tensors, before)
 
-    def _one_way(self, peer: int, tensor: torch.Tensor, send: bool) -> None:
+    def _one_way(self, pg: Any, peer: int, tensor: torch.Tensor, send: bool) -> None:
         """:meth:`exchange` of one tensor: one send or one receive, no lists."""
         t = _as_bytes(tensor)
-        pg = self._pg if self._pg is not None else self.pg
         before = use_count(t)
         try:
             work = pg.send([t], peer, 0) if send else pg.recv([t], peer, 0)

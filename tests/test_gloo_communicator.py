@@ -1,0 +1,61 @@
+"""The gloo communicator itself, on a one-rank group in this process: a closed one refuses
+every collective with the error that says so, without recording a call it did not make."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from topo.communicators.gloo import GlooCommunicator
+from topo.errors import CommunicationError
+
+CALLS: dict[str, Callable[[GlooCommunicator, torch.Tensor], Any]] = {
+    "all_reduce": lambda comm, x: comm.all_reduce(x, "sum"),
+    "all_gather": lambda comm, x: comm.all_gather(x),
+    "all_gather_dim0": lambda comm, x: comm.all_gather_dim0(x),
+    "reduce_scatter": lambda comm, x: comm.reduce_scatter(x.view(1, 2), "sum"),
+    "broadcast": lambda comm, x: comm.broadcast(x, 0),
+    "gather": lambda comm, x: comm.gather(x, 0),
+    "scatter": lambda comm, x: comm.scatter(x.view(1, 2), 0),
+    "all_to_all": lambda comm, x: comm.all_to_all(x.view(1, 2)),
+    "all_to_allv_dim0": lambda comm, x: comm.all_to_allv_dim0(x, [2], [2]),
+    "barrier": lambda comm, x: comm.barrier(),
+    "exchange": lambda comm, x: comm.exchange([], []),
+}
+
+
+def _one_rank() -> GlooCommunicator:
+    return GlooCommunicator(
+        dist.HashStore(), ranks=(0,), index=0, timeout=timedelta(seconds=30), local=True,
+        label="axis 'tp' (one rank)",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_an_open_one_rank_communicator_returns_its_input(name: str) -> None:
+    comm = _one_rank()
+    try:
+        x = torch.tensor([1.0, 2.0])
+        result = CALLS[name](comm, x)
+        if result is not None:
+            assert torch.equal(result.reshape(-1), x)
+        assert comm.flight.calls == 1
+    finally:
+        comm.close()
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_closed_communicator_says_it_is_closed_and_records_nothing(name: str) -> None:
+    comm = _one_rank()
+    comm.close()
+    with pytest.raises(CommunicationError) as raised:
+        CALLS[name](comm, torch.tensor([1.0, 2.0]))
+    message = str(raised.value)
+    assert message.startswith("axis 'tp' (one rank): collectives require an open communicator")
+    assert "a peer may have died" not in message  # not a failed call: none was made
+    assert comm.flight.calls == 0
