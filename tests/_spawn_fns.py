@@ -500,3 +500,22 @@ def repeated_sends(calls: int) -> list[int]:
             topo.recv((1,), torch.float32, "pp", src=0)
         held.append(len(ctx.pair_communicator(("pp",), 1 - me, "cpu").handed))  # type: ignore[attr-defined]
     return held
+
+
+def under_default_device(device: str) -> dict[str, Any]:
+    """CPU collectives of rank-dependent values inside ``with torch.device(device):`` (as
+    around a model's deferred init): what each returns, and the devices of its tensors."""
+    me = topo.axis_index("tp")
+    x = torch.tensor([1.0 + me, 10.0 * (me + 1)], device="cpu")
+    with torch.device(device):
+        got = {
+            "broadcast_object": topo.broadcast_object({"from": me}, axis="tp", src=1),
+            "all_gather_object": topo.all_gather_object(f"rank {me}", axis="tp"),
+            "all_gather": topo.all_gather(x, axis="tp"),
+            "broadcast": topo.broadcast(x, axis="tp", src=1),
+            "reduce_scatter": topo.reduce_scatter(x, axis="tp"),
+            "all_to_all": topo.all_to_all(x, axis="tp"),
+        }
+    return {
+        k: (v.tolist(), v.device.type) if isinstance(v, torch.Tensor) else v for k, v in got.items()
+    }

@@ -109,3 +109,20 @@ def test_fresh_outputs_have_the_shape_and_dtype_asked_for(
         y = pool.empty(shape, dtype)
         assert (y.shape, y.dtype, y.device.type) == (torch.Size(shape), dtype, "cpu")
         assert y.is_contiguous() and not y.requires_grad
+
+
+def test_outputs_are_on_the_cpu_whatever_the_default_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from topo.communicators import buffers
+
+    monkeypatch.setattr(buffers, "_TEMPLATES", {})  # the first allocation of each dtype: here
+    small, large = BufferPool(), BufferPool(min_bytes=0)
+    with torch.device("meta"):
+        made = [pool.empty((4,), torch.float64) for pool in (small, large)]
+    made += [pool.empty((4,), torch.float64) for pool in (small, large)]  # after: still the CPU
+    del made[1]  # the large pool's first storage is free again: the next one reuses it
+    with torch.device("meta"):
+        made.append(large.empty((4,), torch.float64))
+    assert large.held_bytes == 2 * 32  # the reused storage and the one still held
+    assert [y.device.type for y in made] == ["cpu"] * 4

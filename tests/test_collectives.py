@@ -445,3 +445,17 @@ def test_gathers_off_dim_0_move_every_dtype_bit_exact(dtype: torch.dtype) -> Non
         assert ("gather" in got) == (rank == 0) and got.get("gather", expected.tolist()) == (
             expected.tolist()
         ), rank
+
+
+def test_cpu_collectives_inside_a_default_device_context(spawn_timeout: int) -> None:
+    # Model code often runs under `with torch.device("meta"):` (deferred init) or
+    # torch.set_default_device; topo's CPU (gloo) outputs and object payloads stay on the CPU.
+    reports = topo.spawn(fns.under_default_device, DeviceMesh(tp=2), "meta", timeout=spawn_timeout)
+    inputs = [[1.0, 10.0], [2.0, 20.0]]
+    for me, got in enumerate(reports):
+        assert got["broadcast_object"] == {"from": 1}
+        assert got["all_gather_object"] == ["rank 0", "rank 1"]
+        assert got["all_gather"] == (inputs[0] + inputs[1], "cpu")
+        assert got["broadcast"] == (inputs[1], "cpu")
+        assert got["reduce_scatter"] == ([inputs[0][me] + inputs[1][me]], "cpu")
+        assert got["all_to_all"] == ([inputs[0][me], inputs[1][me]], "cpu")

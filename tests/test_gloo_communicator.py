@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from topo.communicators.gloo import GlooCommunicator
-from topo.errors import CommunicationError
+from topo.errors import CommunicationError, TopoValueError
 
 CALLS: dict[str, Callable[[GlooCommunicator, torch.Tensor], Any]] = {
     "all_reduce": lambda comm, x: comm.all_reduce(x, "sum"),
@@ -59,3 +59,15 @@ def test_a_closed_communicator_says_it_is_closed_and_records_nothing(name: str) 
     assert message.startswith("axis 'tp' (one rank): collectives require an open communicator")
     assert "a peer may have died" not in message  # not a failed call: none was made
     assert comm.flight.calls == 0
+
+
+@pytest.mark.parametrize("src", [-1, 1])
+def test_broadcast_refuses_a_source_outside_the_group(src: int) -> None:
+    comm = _one_rank()
+    try:
+        refused = rf"requires a source index 0 <= src < 1, but got {src}"
+        with pytest.raises(TopoValueError, match=refused):
+            comm.broadcast(torch.ones(2), src)
+        assert comm.flight.calls == 0
+    finally:
+        comm.close()

@@ -21,6 +21,10 @@ from topo.mesh import Axis
 
 __all__ = ["all_gather_object", "broadcast_object"]
 
+#: Where the payloads live: gloo's CPU memory, whatever the caller's default device
+#: (``torch.set_default_device``, ``with torch.device("meta"):`` around a model's init).
+_CPU = torch.device("cpu")
+
 
 def _to_tensor(obj: Any, operation: str, allow_pickle: bool) -> torch.Tensor:
     data = encode(obj, operation, allow_pickle)
@@ -57,14 +61,14 @@ def broadcast_object(obj: Any, axis: Axis, src: int = 0, *, allow_pickle: bool =
     if n == 1:
         return _from_tensor(_to_tensor(obj, "broadcast_object", pickled), "broadcast_object", True)
     comm = ctx.communicator(names, "cpu")
-    payload, problem = torch.empty(0, dtype=torch.uint8), None
+    payload, problem = torch.empty(0, dtype=torch.uint8, device=_CPU), None
     if comm.index == root:
         try:
             payload = _to_tensor(obj, "broadcast_object", pickled)
         except TopoTypeError as error:
             problem = error
     size = _FAILED if problem is not None else payload.numel()
-    length = int(comm.broadcast(torch.tensor([size], dtype=torch.int64), root).item())
+    length = int(comm.broadcast(torch.tensor([size], dtype=torch.int64, device=_CPU), root).item())
     if problem is not None:
         raise problem
     if length == _FAILED:
@@ -73,7 +77,7 @@ def broadcast_object(obj: Any, axis: Axis, src: int = 0, *, allow_pickle: bool =
             f"encode its object and sent nothing; see the error on that rank"
         )
     if comm.index != root:
-        payload = torch.empty(length, dtype=torch.uint8)
+        payload = torch.empty(length, dtype=torch.uint8, device=_CPU)
     data = comm.broadcast(payload, root)
     return _from_tensor(data, "broadcast_object", pickled)
 
@@ -97,13 +101,13 @@ def all_gather_object(obj: Any, axis: Axis, *, allow_pickle: bool = False) -> li
         own = _to_tensor(obj, "all_gather_object", pickled)
         return [_from_tensor(own, "all_gather_object", True)]
     comm = ctx.communicator(names, "cpu")
-    payload, problem = torch.empty(0, dtype=torch.uint8), None
+    payload, problem = torch.empty(0, dtype=torch.uint8, device=_CPU), None
     try:
         payload = _to_tensor(obj, "all_gather_object", pickled)
     except TopoTypeError as error:
         problem = error
     size = _FAILED if problem is not None else payload.numel()
-    lengths = comm.all_gather(torch.tensor([size], dtype=torch.int64)).flatten()
+    lengths = comm.all_gather(torch.tensor([size], dtype=torch.int64, device=_CPU)).flatten()
     if problem is not None:
         raise problem
     if bool((lengths == _FAILED).any()):
@@ -113,7 +117,7 @@ def all_gather_object(obj: Any, axis: Axis, *, allow_pickle: bool = False) -> li
             f"objects and sent nothing; see the errors on those ranks"
         )
     longest = int(lengths.max().item())
-    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=_CPU)
     padded[: payload.numel()] = payload
     rows = comm.all_gather(padded)
     return [

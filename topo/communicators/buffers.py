@@ -42,7 +42,8 @@ def _fresh(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """
     template = _TEMPLATES.get(dtype)
     if template is None:
-        template = _TEMPLATES[dtype] = torch.empty(0, dtype=dtype)
+        # on the CPU whatever the default device (torch.set_default_device, `with torch.device`)
+        template = _TEMPLATES[dtype] = torch.empty(0, dtype=dtype, device="cpu")
     return template.new_empty(*shape) if len(shape) else template.new_empty(())
 
 
@@ -90,7 +91,7 @@ class BufferPool:
             # code holds its storage object (torch shares one object per storage): the
             # references are the pool's list, this loop variable and getrefcount's argument.
             if _use_count(storage._cdata) == 1 and sys.getrefcount(storage) <= 3:
-                reused: torch.Tensor = torch.empty(0, dtype=dtype).set_(
+                reused: torch.Tensor = torch.empty(0, dtype=dtype, device="cpu").set_(
                     storage,
                     0,
                     tuple(shape),  # type: ignore[call-overload]

@@ -22,7 +22,7 @@ from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
 from topo.communicators.handoff import HandedTensors, use_count
 from topo.communicators.recorder import FlightRecorder
 from topo.communicators.rollcall import RollCall
-from topo.errors import CommunicationError, CommunicationTimeout, TopoError
+from topo.errors import CommunicationError, CommunicationTimeout, TopoError, TopoValueError
 
 __all__ = ["GLOO_REDUCE_DTYPES", "GlooCommunicator"]
 
@@ -227,6 +227,11 @@ class GlooCommunicator:
         return self.reduce_scatter(x.view(self.size, x.shape[0] // self.size, *x.shape[1:]), op)
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        if not 0 <= src < self.size:  # the options list would take -1 as the last root
+            raise TopoValueError(
+                f"broadcast on {self.label} requires a source index 0 <= src < {self.size}, "
+                f"but got {src}"
+            )
         y = self.buffers.clone(x) if self.index == src else self.buffers.empty_like(x)
         moved = _as_bytes(y)
         options = self._broadcast_options[src]
