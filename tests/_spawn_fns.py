@@ -515,6 +515,10 @@ def under_default_device(device: str) -> dict[str, Any]:
             "broadcast": topo.broadcast(x, axis="tp", src=1),
             "reduce_scatter": topo.reduce_scatter(x, axis="tp"),
             "all_to_all": topo.all_to_all(x, axis="tp"),
+            "all_gatherv": topo.all_gatherv(x[: me + 1], axis="tp"),
+            "broadcast_tensor_dict": topo.broadcast_tensor_dict(
+                {"x": x, "step": 3} if me == 1 else None, axis="tp", src=1
+            )["x"],
         }
     return {
         k: (v.tolist(), v.device.type) if isinstance(v, torch.Tensor) else v for k, v in got.items()

@@ -459,3 +459,5 @@ def test_cpu_collectives_inside_a_default_device_context(spawn_timeout: int) -> 
         assert got["broadcast"] == (inputs[1], "cpu")
         assert got["reduce_scatter"] == ([inputs[0][me] + inputs[1][me]], "cpu")
         assert got["all_to_all"] == ([inputs[0][me], inputs[1][me]], "cpu")
+        assert got["all_gatherv"] == (inputs[0][:1] + inputs[1], "cpu")
+        assert got["broadcast_tensor_dict"] == (inputs[1], "cpu")

@@ -318,9 +318,7 @@ def _gather_checked(
 ) -> list[list[int]]:
     """Every index's ``values`` (one all_gather, with :func:`_signature` appended and checked:
     a :class:`~topo.CollectiveMismatchError` on every rank if dtypes or other dims differ)."""
-    mine = torch.tensor([*values, _signature(x, dim)], dtype=torch.int64)
-    if x.is_cuda:
-        mine = mine.to(x.device)
+    mine = torch.tensor([*values, _signature(x, dim)], dtype=torch.int64, device=x.device)
     table = comm.all_gather(mine).cpu().tolist()
     reference = table[comm.index][-1]
     for i, row in enumerate(table):

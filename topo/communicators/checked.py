@@ -118,7 +118,7 @@ def encode(
         -1 if reduce_op is None else REDUCE_OPS.index(reduce_op),
         -1 if root is None else root,
     ]
-    return torch.tensor(values, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.int64, device="cpu")  # for the gloo channel
 
 
 def decode(row: Sequence[int], axis: str) -> dict[str, object]:
@@ -257,7 +257,9 @@ class CheckChannel:
         if message is not None:
             raise CollectiveMismatchError(f"check mode: {message}")
         n = len(send_sizes)
-        table = comm.all_gather(torch.tensor([*send_sizes, *recv_sizes], dtype=torch.int64))
+        table = comm.all_gather(
+            torch.tensor([*send_sizes, *recv_sizes], dtype=torch.int64, device="cpu")
+        )
         rows = table.tolist()
         sends, recvs = [row[:n] for row in rows], [row[n:] for row in rows]
         message = sizes_mismatch("all_to_allv", comm.label, comm.ranks, sends, recvs)

@@ -59,9 +59,11 @@ def broadcast_bytes(comm: Communicator, data: bytes | None, root: int) -> bytes:
         if rest is not None:
             comm.broadcast(rest, root)
         return data
-    got, missing = _unframe(comm.broadcast(torch.empty(HEADER_BYTES, dtype=torch.uint8), root))
+    head = torch.empty(HEADER_BYTES, dtype=torch.uint8, device="cpu")
+    got, missing = _unframe(comm.broadcast(head, root))
     if missing:
-        got += comm.broadcast(torch.empty(missing, dtype=torch.uint8), root).numpy().tobytes()
+        rest = torch.empty(missing, dtype=torch.uint8, device="cpu")
+        got += comm.broadcast(rest, root).numpy().tobytes()
     return got
 
 
@@ -75,11 +77,11 @@ def send_bytes(comm: Communicator, data: bytes, peer: int) -> None:
 
 def recv_bytes(comm: Communicator, peer: int) -> bytes:
     """Bytes sent by index ``peer`` of ``comm`` with :func:`send_bytes`."""
-    head = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+    head = torch.empty(HEADER_BYTES, dtype=torch.uint8, device="cpu")
     comm.exchange([], [(peer, head)])
     got, missing = _unframe(head)
     if missing:
-        rest = torch.empty(missing, dtype=torch.uint8)
+        rest = torch.empty(missing, dtype=torch.uint8, device="cpu")
         comm.exchange([], [(peer, rest)])
         got += rest.numpy().tobytes()
     return got

@@ -206,7 +206,8 @@ class MessageQueue:
                 if self._shm is not None:
                     choice = _SHM
         # Every reader has attached (or chosen the socket) once this all_gather returns.
-        choices = comm.all_gather(torch.tensor([choice], dtype=torch.int64)).flatten().tolist()
+        mine = torch.tensor([choice], dtype=torch.int64, device="cpu")
+        choices = comm.all_gather(mine).flatten().tolist()
         self.shm_readers = tuple(i for i, c in enumerate(choices) if c == _SHM)
         self.socket_readers = tuple(i for i, c in enumerate(choices) if c == _SOCKET)
         if self.is_writer:
