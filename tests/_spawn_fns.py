@@ -510,6 +510,7 @@ def under_default_device(device: str) -> dict[str, Any]:
     with torch.device(device):
         got = {
             "broadcast_object": topo.broadcast_object({"from": me}, axis="tp", src=1),
+            "empty tensor object": topo.broadcast_object(torch.zeros(0, device="cpu"), "tp"),
             "all_gather_object": topo.all_gather_object(f"rank {me}", axis="tp"),
             "all_gather": topo.all_gather(x, axis="tp"),
             "broadcast": topo.broadcast(x, axis="tp", src=1),

@@ -455,6 +455,7 @@ def test_cpu_collectives_inside_a_default_device_context(spawn_timeout: int) -> 
     for me, got in enumerate(reports):
         assert got["broadcast_object"] == {"from": 1}
         assert got["all_gather_object"] == ["rank 0", "rank 1"]
+        assert got["empty tensor object"] == ([], "cpu")
         assert got["all_gather"] == (inputs[0] + inputs[1], "cpu")
         assert got["broadcast"] == (inputs[1], "cpu")
         assert got["reduce_scatter"] == ([inputs[0][me] + inputs[1][me]], "cpu")

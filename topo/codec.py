@@ -279,7 +279,7 @@ class _Decoder:
             raise self._bad(node)
         raw = self._slice(at, size, node)
         if count == 0:
-            x = torch.empty(shape, dtype=dtype)
+            x = torch.empty(shape, dtype=dtype, device="cpu")  # as frombuffer's, below
         else:
             x = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
         try:
