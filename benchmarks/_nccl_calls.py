@@ -226,6 +226,7 @@ def call_table(
         },
         "broadcast": {
             "topo": lambda: topo.broadcast(x, axis="tp", src=0),
+            "topo out=": lambda: topo.broadcast(x, axis="tp", src=0, out=out),
             "raw cupy": lambda: raw.broadcast(x.data_ptr(), out.data_ptr(), n, f32, 0, stream()),
             "raw cupy + alloc": raw_broadcast_alloc,
         },

@@ -205,8 +205,9 @@ def tp_mlp(elsewhere: bool = False, device: str = "cpu") -> dict[str, Any]:
 
 
 def out_cases() -> dict[str, Any]:
-    """``out=`` on all_reduce / all_gather / reduce_scatter: in place, into a fresh buffer,
-    into a non-contiguous buffer; returns what each call returned and whether it was ``out``."""
+    """``out=`` on all_reduce / all_gather / reduce_scatter / broadcast: in place, into a fresh
+    buffer, into a non-contiguous buffer; returns what each call returned and whether it was
+    ``out``."""
     rank = topo.current().world.rank
     x = rank_input(rank, 0)
     report: dict[str, Any] = {}
@@ -222,6 +223,12 @@ def out_cases() -> dict[str, Any]:
     report["all_gather dim1"] = (topo.all_gather(x, ("dp", "tp"), 1, out=g1) is g1, g1)
     rs = torch.empty(SHAPE[0], SHAPE[1] // 2, dtype=x.dtype)
     report["reduce_scatter"] = (topo.reduce_scatter(x, "tp", 1, out=rs) is rs, rs)
+    own = x.clone()  # broadcast in place, as torch.distributed.broadcast does
+    report["broadcast inplace"] = (topo.broadcast(own, "tp", 1, out=own) is own, own)
+    b = torch.empty_like(x)
+    report["broadcast out"] = (topo.broadcast(x, ("dp", "tp"), 2, out=b) is b, b)
+    bs = torch.empty(SHAPE[1], SHAPE[0], dtype=x.dtype).t()
+    report["broadcast strided"] = (topo.broadcast(x, "dp", 0, out=bs) is bs, bs)
     return report
 
 

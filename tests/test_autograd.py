@@ -152,6 +152,9 @@ def test_out_writes_into_the_callers_tensor(report: list[Any]) -> None:
             "all_gather dim0": torch.cat(group("tp", r), 0),
             "all_gather dim1": torch.cat(group(("dp", "tp"), r), 1),
             "reduce_scatter": torch.chunk(sum(group("tp", r)), 2, 1)[k],
+            "broadcast inplace": group("tp", r)[1],
+            "broadcast out": group(("dp", "tp"), r)[2],
+            "broadcast strided": group("dp", r)[0],
         }
         for label, value in expected.items():
             is_out, tensor = got[label]
@@ -184,6 +187,7 @@ def test_out_of_the_wrong_kind_is_refused(single: Any, out: Any, kind: type, mes
         lambda: topo.all_reduce(x, "tp", out=out),
         lambda: topo.all_gather(x, "tp", out=out),
         lambda: topo.reduce_scatter(x, "tp", out=out),
+        lambda: topo.broadcast(x, "tp", out=out),
     ):
         with pytest.raises(kind, match=message.replace("(", r"\(").replace(")", r"\)")):
             call()
@@ -193,6 +197,8 @@ def test_out_refuses_autograd(single: Any) -> None:
     x = torch.ones(2, 3, requires_grad=True)
     with pytest.raises(topo.TopoValueError, match="does not support autograd"):
         topo.all_reduce(x, "tp", out=torch.empty(2, 3))
+    with pytest.raises(topo.TopoValueError, match="does not support autograd"):
+        topo.broadcast(x, "tp", out=torch.empty(2, 3))
     with torch.no_grad():
         out = torch.empty(2, 3)
         assert topo.all_reduce(x, "tp", out=out) is out

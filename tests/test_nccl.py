@@ -177,6 +177,9 @@ def test_plumbing_counts_dtypes_and_out_of_place(
     y = c.all_reduce(x, "max")
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr() and torch.equal(x, before)
     assert comm.calls[-1] == ("allReduce", 6, NCCL_DTYPES[torch.bfloat16], NCCL_OPS["max"])
+    into = torch.empty_like(x)
+    assert c.broadcast_into(x, 0, into) is into and torch.equal(into, x)  # out= of broadcast
+    assert c.broadcast_into(x, 0, x) is x and torch.equal(x, before)  # in place
     g = c.all_gather(torch.arange(4, dtype=torch.int32))
     assert g.shape == (1, 4) and g[0].tolist() == [0, 1, 2, 3]
     # 8-bit floats travel as bytes when nothing is reduced

@@ -235,6 +235,39 @@ def concat_chunks(
     return stacked.reshape(shape) if dim == 0 else stacked.movedim(0, dim).reshape(shape)
 
 
+def into_same_shape(
+    ctx: MeshContext,
+    names: tuple[str, ...],
+    n: int,
+    device: str,
+    x: torch.Tensor,
+    out: object,
+    operation: str,
+    arg: object,
+) -> torch.Tensor:
+    """``operation(x, arg)`` (``"all_reduce"`` with its op or ``"broadcast"`` with its root: a
+    result of ``x``'s shape) written into the caller's ``out``, checked: through the
+    communicator's ``<operation>_into`` when both are contiguous (``out`` may be ``x``: in
+    place, no allocation), else through a copy.
+
+    Example::
+
+        return into_same_shape(ctx, names, n, device, x, out, "broadcast", root)
+    """
+    target = check_out(out, x, x.shape, operation)
+    if n == 1:
+        return target if target is x else target.copy_(x)
+    comm = ctx.communicator(names, device)
+    into = getattr(comm, _INTO[operation], None)
+    if into is not None and target.is_contiguous() and x.is_contiguous():
+        return into(x, arg, target)  # type: ignore[no-any-return]
+    return target.copy_(getattr(comm, operation)(x.contiguous(), arg))
+
+
+#: The communicator method that writes ``operation``'s result into a given tensor.
+_INTO = {"all_reduce": "all_reduce_into", "broadcast": "broadcast_into"}
+
+
 def check_out(
     out: object, x: torch.Tensor, shape: tuple[int, ...] | torch.Size, operation: str
 ) -> torch.Tensor:

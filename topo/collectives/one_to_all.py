@@ -4,32 +4,50 @@ from __future__ import annotations
 
 import torch
 
-from topo.collectives._common import check_dim, check_index, device_type, locate, stack_chunks
+from topo.collectives._common import (
+    check_dim,
+    check_index,
+    check_out,
+    device_type,
+    into_same_shape,
+    locate,
+    stack_chunks,
+)
 from topo.mesh import Axis
 from topo.ops._library import call, group_of, needs_op
 
 __all__ = ["broadcast", "scatter"]
 
 
-def broadcast(x: torch.Tensor, axis: Axis, src: int = 0) -> torch.Tensor:
+def broadcast(
+    x: torch.Tensor, axis: Axis, src: int = 0, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Every rank of ``axis`` gets index ``src``'s ``x`` (``src`` is an index within the axis).
 
     Every rank passes a tensor of the same shape and dtype; only ``src``'s values are used.
+    With ``out`` (``x``'s shape, dtype and device; ``out=x`` broadcasts in place, as
+    ``torch.distributed.broadcast`` does) the result is written there and ``out`` is returned.
     Differentiable: ``src``'s ``x`` gets the sum of every rank's cotangent, the others zeros.
 
     Example::
 
         with DeviceMesh(dp=2, tp=2).activate():
             w = topo.broadcast(weights, axis="dp", src=0)
+            topo.broadcast(param, axis="dp", src=0, out=param)   # in place
     """
     if needs_op(x):
         key, n, _ = group_of(axis, "broadcast")
         device_type(x, "broadcast")
         root = check_index(src, n, "broadcast", "src", axis)
         result: torch.Tensor = call("broadcast", x, key, n, root)
-        return result
+        if out is None:
+            return result
+        check_out(out, x, x.shape, "broadcast")  # refuses autograd, as torch's out= does
+        return out.copy_(result)
     ctx, names, n, device = locate(x, axis, "broadcast")
     root = check_index(src, n, "broadcast", "src", axis)
+    if out is not None:
+        return into_same_shape(ctx, names, n, device, x, out, "broadcast", root)
     if n == 1:
         return x.clone(memory_format=torch.contiguous_format)
     return ctx.communicator(names, device).broadcast(x.contiguous(), root)

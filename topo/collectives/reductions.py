@@ -9,6 +9,7 @@ from topo.collectives._common import (
     check_out,
     check_reduce,
     device_type,
+    into_same_shape,
     locate,
     stack_chunks,
 )
@@ -40,14 +41,7 @@ def all_reduce(
         return _all_reduce_op(x, axis, op, out)
     ctx, names, n, device = locate(x, axis, "all_reduce", op)
     if out is not None:
-        check_out(out, x, x.shape, "all_reduce")
-        if n == 1:
-            return out if out is x else out.copy_(x)
-        comm = ctx.communicator(names, device)
-        into = getattr(comm, "all_reduce_into", None)
-        if into is not None and out.is_contiguous() and x.is_contiguous():
-            return into(x, op, out)  # type: ignore[no-any-return]
-        return out.copy_(comm.all_reduce(x.contiguous(), op))
+        return into_same_shape(ctx, names, n, device, x, out, "all_reduce", op)
     if n == 1:
         return x.clone()
     comm = ctx.communicator(names, device)

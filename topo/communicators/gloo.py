@@ -227,16 +227,30 @@ class GlooCommunicator:
         return self.reduce_scatter(x.view(self.size, x.shape[0] // self.size, *x.shape[1:]), op)
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        if not 0 <= src < self.size:  # the options list would take -1 as the last root
+        options = self._root(src)
+        y = self.buffers.clone(x) if self.index == src else self.buffers.empty_like(x)
+        moved = _as_bytes(y)
+        self._run("broadcast", (moved,), y, self.pg.broadcast, [moved], options)
+        return y
+
+    def broadcast_into(self, x: torch.Tensor, src: int, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`broadcast` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
+        ``x`` itself): no allocation, gloo moves the caller's memory."""
+        options = self._root(src)
+        if self.index == src and out is not x:
+            out.copy_(x)
+        moved = _as_bytes(out)
+        self._run("broadcast", (moved,), out, self.pg.broadcast, [moved], options)
+        return out
+
+    def _root(self, src: int) -> dist.BroadcastOptions:
+        """The broadcast options of root ``src`` (checked: the list would take -1 as the last)."""
+        if not 0 <= src < self.size:
             raise TopoValueError(
                 f"broadcast on {self.label} requires a source index 0 <= src < {self.size}, "
                 f"but got {src}"
             )
-        y = self.buffers.clone(x) if self.index == src else self.buffers.empty_like(x)
-        moved = _as_bytes(y)
-        options = self._broadcast_options[src]
-        self._run("broadcast", (moved,), y, self.pg.broadcast, [moved], options)
-        return y
+        return self._broadcast_options[src]
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         opts = dist.GatherOptions()

@@ -132,11 +132,8 @@ class NcclCommunicator:
                 f"torch.cuda.device_count() = {torch.cuda.device_count()}; pass "
                 f"activate(device=...) or set LOCAL_RANK / CUDA_VISIBLE_DEVICES"
             )
-        data = coordinator.broadcast(
-            encode_unique_id(nccl.get_unique_id()) if index == 0 else None,
-            src=ranks[0],
-            ranks=ranks,
-        )
+        own_id = encode_unique_id(nccl.get_unique_id()) if index == 0 else None
+        data = coordinator.broadcast(own_id, src=ranks[0], ranks=ranks)
         unique_id = unique_id_argument(data, label)
         # Every member's GPU, gathered (this is also the barrier before init): NCCL refuses two
         # ranks of one communicator on one GPU of one host, so say so before calling it.
@@ -306,12 +303,12 @@ class NcclCommunicator:
 
     reduce_scatter_dim0 = reduce_scatter_into
 
-    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+    def broadcast(self, x: torch.Tensor, src: int, out: torch.Tensor | None = None) -> torch.Tensor:
         self.flight.record("broadcast", x)
         if x.device != self.device:
             self._check(x, "broadcast")
         comm = self._comm or self._live()
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if out is None else out  # out: contiguous, x's shape (or x)
         code, scale = _MOVED[x.dtype]  # _moved, inlined
         count = x.numel() * scale
         try:
@@ -319,6 +316,8 @@ class NcclCommunicator:
         except self._nccl.NcclError as error:
             raise self._failed("broadcast", error) from None
         return y
+
+    broadcast_into = broadcast
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         self.flight.record("gather", x)
