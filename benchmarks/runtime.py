@@ -356,7 +356,8 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
                            "raw": lambda: pg._reduce_scatter_base(part, x, reduce_scatter).wait(),
                            "torch": torch_reduce_scatter},
         "broadcast": {"topo": lambda: topo.broadcast(x, names),
-                      "topo out=": lambda: topo.broadcast(x, names, out=out),
+                      # in place, as the raw call (every rank's x holds the same ones)
+                      "topo out=": lambda: topo.broadcast(x, names, out=x),
                       "raw": lambda: pg.broadcast([out], bcast).wait(),
                       "torch": torch_broadcast},
         "all_to_all": {"topo": lambda: topo.all_to_all(x, names),
