@@ -268,6 +268,22 @@ def into_same_shape(
 _INTO = {"all_reduce": "all_reduce_into", "broadcast": "broadcast_into"}
 
 
+def result_into(
+    y: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, operation: str
+) -> torch.Tensor:
+    """An op path's result ``y``, or ``y`` copied into the caller's ``out`` (checked against
+    ``x``: it refuses autograd, as torch's ``out=`` arguments do).
+
+    Example::
+
+        return result_into(call("all_reduce", x, key, n, op), out, x, "all_reduce")
+    """
+    if out is None:
+        return y
+    check_out(out, x, y.shape, operation)
+    return out.copy_(y)
+
+
 def check_out(
     out: object, x: torch.Tensor, shape: tuple[int, ...] | torch.Size, operation: str
 ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from topo.collectives._common import (
     concat_chunks,
     device_type,
     locate,
+    result_into,
     stack_chunks,
 )
 from topo.errors import NotDifferentiableError
@@ -69,11 +70,7 @@ def _all_gather_op(
     key, n, _ = group_of(axis, "all_gather")
     device_type(x, "all_gather")
     d = check_dim(x, dim, "all_gather")
-    y: torch.Tensor = call("all_gather", x, key, n, d)
-    if out is None:
-        return y
-    check_out(out, x, y.shape, "all_gather")
-    return out.copy_(y)
+    return result_into(call("all_gather", x, key, n, d), out, x, "all_gather")
 
 
 def gather(x: torch.Tensor, axis: Axis, dst: int = 0, dim: int = 0) -> torch.Tensor | None:

@@ -7,10 +7,10 @@ import torch
 from topo.collectives._common import (
     check_dim,
     check_index,
-    check_out,
     device_type,
     into_same_shape,
     locate,
+    result_into,
     stack_chunks,
 )
 from topo.mesh import Axis
@@ -39,11 +39,7 @@ def broadcast(
         key, n, _ = group_of(axis, "broadcast")
         device_type(x, "broadcast")
         root = check_index(src, n, "broadcast", "src", axis)
-        result: torch.Tensor = call("broadcast", x, key, n, root)
-        if out is None:
-            return result
-        check_out(out, x, x.shape, "broadcast")  # refuses autograd, as torch's out= does
-        return out.copy_(result)
+        return result_into(call("broadcast", x, key, n, root), out, x, "broadcast")
     ctx, names, n, device = locate(x, axis, "broadcast")
     root = check_index(src, n, "broadcast", "src", axis)
     if out is not None:

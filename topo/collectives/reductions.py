@@ -11,6 +11,7 @@ from topo.collectives._common import (
     device_type,
     into_same_shape,
     locate,
+    result_into,
     stack_chunks,
 )
 from topo.communicators.base import ReduceOp
@@ -54,11 +55,7 @@ def _all_reduce_op(
     """all_reduce through ``torch.ops.topo.all_reduce``: autograd and torch.compile."""
     key, n, _ = group_of(axis, "all_reduce")
     check_reduce(x, op, "all_reduce", device_type(x, "all_reduce"))
-    y: torch.Tensor = call("all_reduce", x, key, n, op)
-    if out is None:
-        return y
-    check_out(out, x, x.shape, "all_reduce")
-    return out.copy_(y)
+    return result_into(call("all_reduce", x, key, n, op), out, x, "all_reduce")
 
 
 def reduce_scatter(
@@ -113,8 +110,4 @@ def _reduce_scatter_op(
     d = check_dim(x, dim, "reduce_scatter")
     if x.shape[d] % n:
         stack_chunks(x, d, n, "reduce_scatter", axis)  # raises the divisibility error
-    y: torch.Tensor = call("reduce_scatter", x, key, n, d, op)
-    if out is None:
-        return y
-    check_out(out, x, y.shape, "reduce_scatter")
-    return out.copy_(y)
+    return result_into(call("reduce_scatter", x, key, n, d, op), out, x, "reduce_scatter")

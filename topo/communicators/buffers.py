@@ -91,7 +91,7 @@ class BufferPool:
             # code holds its storage object (torch shares one object per storage): the
             # references are the pool's list, this loop variable and getrefcount's argument.
             if _use_count(storage._cdata) == 1 and sys.getrefcount(storage) <= 3:
-                reused: torch.Tensor = torch.empty(0, dtype=dtype, device="cpu").set_(
+                reused: torch.Tensor = _fresh((0,), dtype).set_(
                     storage,
                     0,
                     tuple(shape),  # type: ignore[call-overload]

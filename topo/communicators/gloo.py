@@ -227,11 +227,8 @@ class GlooCommunicator:
         return self.reduce_scatter(x.view(self.size, x.shape[0] // self.size, *x.shape[1:]), op)
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        options = self._root(src)
         y = self.buffers.clone(x) if self.index == src else self.buffers.empty_like(x)
-        moved = _as_bytes(y)
-        self._run("broadcast", (moved,), y, self.pg.broadcast, [moved], options)
-        return y
+        return self.broadcast_into(y, src, y)  # on the source, y already holds x
 
     def broadcast_into(self, x: torch.Tensor, src: int, out: torch.Tensor) -> torch.Tensor:
         """:meth:`broadcast` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
