@@ -245,7 +245,7 @@ class GlooCommunicator:
         if not 0 <= src < self.size:
             raise TopoValueError(
                 f"broadcast on {self.label} requires a source index 0 <= src < {self.size}, "
-                f"but got {src}"
+                f"but got {src}; pass the root's index within the group, not a global rank"
             )
         return self._broadcast_options[src]
 
