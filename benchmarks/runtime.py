@@ -157,7 +157,7 @@ def layer_overhead(calls: int) -> dict[str, float]:
             ("topo.all_reduce (stub comm)", lambda: topo.all_reduce(x, axis=names)),
             ("stub comm called directly", lambda: stub.all_reduce(x, "sum")),
             ("x.clone() of 4 bytes", lambda: x.clone()),
-            ("flight recorder, one record", lambda: flight.record("all_reduce", x)),
+            ("flight recorder, one record", lambda: flight.record("all_reduce", x.shape, x.dtype)),
         ):
             best = float("inf")
             for _ in range(5):

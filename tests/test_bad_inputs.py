@@ -240,6 +240,30 @@ def test_collectives(
     _check(call, kind, phrase)
 
 
+def _remember_the_routes() -> None:
+    """One good call of each collective on axis tp: their routes are remembered after it."""
+    x = torch.ones(2)
+    for op in ("sum", "avg", "max"):
+        topo.all_reduce(x, "tp", op=op)
+        topo.reduce_scatter(x, "tp", op=op)
+    topo.all_gather(x, "tp")
+    topo.broadcast(x, "tp")
+    topo.scatter(x, "tp")
+    topo.gather(x, "tp")
+    topo.all_to_all(x, "tp")
+    topo.all_gatherv(x, "tp", sizes=[2])
+    assert ("tp", "cpu") in topo.current()._routes
+
+
+@_table(COLLECTIVES)
+def test_collectives_after_their_routes_are_remembered(
+    ctx: topo.MeshContext, call: Callable[[], object], kind: type[BaseException], phrase: str
+) -> None:
+    """The remembered route (collectives/_common.route) skips the lookup, not the checks."""
+    _remember_the_routes()
+    _check(call, kind, phrase)
+
+
 @_table(SECURITY_II)
 def test_security_retest_escapes(
     ctx: topo.MeshContext, call: Callable[[], object], kind: type[BaseException], phrase: str

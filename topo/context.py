@@ -104,6 +104,11 @@ class MeshContext:
         self._indices: dict[Any, int] = {}
         #: (device type, dtype, op) triples a reduction has accepted (collectives/_common.py).
         self._reducible: set[tuple[str, torch.dtype, object]] = set()
+        #: The collectives' routes, filled on first use: (axis argument, device type[, dtype,
+        #: op]) -> (communicator or None for a group of one, group size) (collectives/_common)
+        #: and (axis argument, device type, peer index) -> send/recv's pair communicator (p2p).
+        self._routes: dict[tuple[Any, ...], tuple[Communicator | None, int]] = {}
+        self._pair_routes: dict[tuple[Any, str | None, int], Communicator] = {}
         # axis argument -> (axis names in mesh order, group size); filled lazily.
         self._axes: dict[Any, tuple[tuple[str, ...], int]] = {
             name: ((name,), size) for name, size in mesh.shape.items()
@@ -437,6 +442,8 @@ class MeshContext:
             unwrapped += [ch._comm for ch in self._check_channels.values() if ch._comm]
             for comm in {id(c): c for c in unwrapped}.values():
                 comm.close(abort=abort)
+            self._routes.clear()
+            self._pair_routes.clear()
             self._communicators.clear()
             self._shared.clear()
             self._check_channels.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,11 +19,15 @@ from topo.communicators.registry import (
 )
 from topo.errors import TopoTypeError, TopoValueError
 from topo.mesh import Axis
+from topo.ops._library import _is_compiling, needs_op
 
 if TYPE_CHECKING:
+    from topo.communicators.base import Communicator
     from topo.context import MeshContext
 
 _STRIDED = torch.strided
+_TENSOR = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
 #: ``locate``'s ``op`` when the collective reduces nothing.
 NO_REDUCTION: object = object()
 
@@ -65,6 +70,60 @@ def locate(
             check_reduce(x, op, operation, ctx.backend(device))
             ctx._reducible.add((device, x.dtype, op))
     return ctx, names, n, device
+
+
+def route(
+    x: torch.Tensor, axis: Axis, operation: str, op: object = NO_REDUCTION
+) -> tuple[Communicator | None, int] | None:
+    """The communicator a plain collective on ``x`` along ``axis`` runs on and the group size
+    ``n`` (the communicator is ``None`` for a group of one), or ``None`` when ``x`` must take
+    the collective's custom op instead (:func:`topo.ops._library.needs_op`: it requires grad
+    with grad mode on, or torch.compile is tracing). ``x``, ``axis`` and ``op`` are checked as
+    :func:`locate` checks them.
+
+    The plain collectives' first step, and their hot path: after the first call with an axis
+    and device type (and for a reduction, dtype and op) in the innermost activation, the
+    answer is one dict lookup in that activation's ``_routes`` (emptied when it closes), after
+    the checks on ``x`` every call needs. An axis only an outer activation has, and an
+    unhashable axis (a list), are located on every call.
+
+    Example::
+
+        found = route(x, "tp", "all_reduce", "sum")
+        if found is None:
+            ...  # the custom op's path
+        comm, n = found
+    """
+    if (
+        type(x) is _TENSOR and x.layout is _STRIDED and not x.is_nested and not x.is_quantized
+    ):
+        if (x.requires_grad and _grad_enabled()) or _is_compiling():
+            return None
+        device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else None
+        try:
+            routes = _ACTIVE.get()[-1]._routes
+            if op is NO_REDUCTION:
+                return routes[axis, device]
+            return routes[axis, device, x.dtype, op]  # a (dtype, op) accepted before
+        except (IndexError, KeyError, TypeError):  # no activation; not seen yet; unhashable
+            pass
+    elif needs_op(x):
+        return None
+    return _first_route(x, axis, operation, op)
+
+
+def _first_route(
+    x: torch.Tensor, axis: Axis, operation: str, op: object
+) -> tuple[Communicator | None, int]:
+    """:func:`route` the long way: :func:`locate` (which raises the errors), then the
+    communicator, remembered where the innermost activation itself has ``axis``."""
+    ctx, names, n, device = locate(x, axis, operation, op)
+    found = (ctx.communicator(names, device) if n > 1 else None, n)
+    if _ACTIVE.get()[-1] is ctx:  # an outer activation's axis: the stack below may differ
+        key = (axis, device) if op is NO_REDUCTION else (axis, device, x.dtype, op)
+        with contextlib.suppress(TypeError):  # an unhashable axis (a list): not remembered
+            ctx._routes[key] = found
+    return found
 
 
 def _default_backend(device: str) -> Backend | None:
@@ -236,28 +295,24 @@ def concat_chunks(
 
 
 def into_same_shape(
-    ctx: MeshContext,
-    names: tuple[str, ...],
-    n: int,
-    device: str,
+    comm: Communicator | None,
     x: torch.Tensor,
     out: object,
     operation: str,
     arg: object,
 ) -> torch.Tensor:
-    """``operation(x, arg)`` (``"all_reduce"`` with its op or ``"broadcast"`` with its root: a
-    result of ``x``'s shape) written into the caller's ``out``, checked: through the
-    communicator's ``<operation>_into`` when both are contiguous (``out`` may be ``x``: in
-    place, no allocation), else through a copy.
+    """``operation(x, arg)`` over ``comm`` (``None``: a group of one) — ``"all_reduce"`` with
+    its op or ``"broadcast"`` with its root: a result of ``x``'s shape — written into the
+    caller's ``out``, checked: through the communicator's ``<operation>_into`` when both are
+    contiguous (``out`` may be ``x``: in place, no allocation), else through a copy.
 
     Example::
 
-        return into_same_shape(ctx, names, n, device, x, out, "broadcast", root)
+        return into_same_shape(comm, x, out, "broadcast", root)
     """
     target = check_out(out, x, x.shape, operation)
-    if n == 1:
+    if comm is None:
         return target if target is x else target.copy_(x)
-    comm = ctx.communicator(names, device)
     into = getattr(comm, _INTO[operation], None)
     if into is not None and target.is_contiguous() and x.is_contiguous():
         return into(x, arg, target)  # type: ignore[no-any-return]

@@ -9,12 +9,12 @@ from topo.collectives._common import (
     check_index,
     device_type,
     into_same_shape,
-    locate,
     result_into,
+    route,
     stack_chunks,
 )
 from topo.mesh import Axis
-from topo.ops._library import call, group_of, needs_op
+from topo.ops._library import call, group_of
 
 __all__ = ["broadcast", "scatter"]
 
@@ -35,18 +35,19 @@ def broadcast(
             w = topo.broadcast(weights, axis="dp", src=0)
             topo.broadcast(param, axis="dp", src=0, out=param)   # in place
     """
-    if needs_op(x):
+    found = route(x, axis, "broadcast")
+    if found is None:
         key, n, _ = group_of(axis, "broadcast")
         device_type(x, "broadcast")
         root = check_index(src, n, "broadcast", "src", axis)
         return result_into(call("broadcast", x, key, n, root), out, x, "broadcast")
-    ctx, names, n, device = locate(x, axis, "broadcast")
+    comm, n = found
     root = check_index(src, n, "broadcast", "src", axis)
     if out is not None:
-        return into_same_shape(ctx, names, n, device, x, out, "broadcast", root)
-    if n == 1:
+        return into_same_shape(comm, x, out, "broadcast", root)
+    if comm is None:  # a group of one
         return x.clone(memory_format=torch.contiguous_format)
-    return ctx.communicator(names, device).broadcast(x.contiguous(), root)
+    return comm.broadcast(x.contiguous(), root)
 
 
 def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Tensor:
@@ -62,7 +63,8 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
             y = topo.scatter(torch.arange(4), axis="tp", src=1)
             # index 0: tensor([0, 1]); index 1: tensor([2, 3])
     """
-    if needs_op(x):
+    found = route(x, axis, "scatter")
+    if found is None:
         key, n, _ = group_of(axis, "scatter")
         device_type(x, "scatter")
         d = check_dim(x, dim, "scatter")
@@ -71,10 +73,10 @@ def scatter(x: torch.Tensor, axis: Axis, src: int = 0, dim: int = 0) -> torch.Te
             stack_chunks(x, d, n, "scatter", axis)  # raises the divisibility error
         result: torch.Tensor = call("scatter", x, key, n, root, d)
         return result
-    ctx, names, n, device = locate(x, axis, "scatter")
+    comm, n = found
     d = check_dim(x, dim, "scatter")
     root = check_index(src, n, "scatter", "src", axis)
     stacked = stack_chunks(x, d, n, "scatter", axis)
-    if n == 1:
+    if comm is None:  # a group of one
         return stacked[0].clone()
-    return ctx.communicator(names, device).scatter(stacked, root)
+    return comm.scatter(stacked, root)

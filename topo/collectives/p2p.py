@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from topo._checks import as_bool, as_int
-from topo.active import find_context
+from topo.active import _ACTIVE, find_context
 from topo.collectives._common import (
     check_index,
     check_peer,
     check_tensor,
     device_type,
-    locate,
 )
 from topo.communicators.base import Communicator
 from topo.context import MeshContext
@@ -40,6 +40,31 @@ def _pair(
     return ctx.pair_communicator(names, index, device)
 
 
+def _pair_route(
+    axis: Axis, peer: object, operation: str, name: str, device: str
+) -> Communicator:
+    """:func:`_pair` for ``axis`` in the innermost activation that has it. send's and recv's
+    hot path: remembered by (axis, device type, peer) in the innermost activation's
+    ``_pair_routes`` (emptied when it closes) where that activation has ``axis`` itself, so
+    after the first call it is one dict lookup.
+
+    Example::
+
+        comm = _pair_route("pp", 1, "send", "dst", "cpu")
+    """
+    if type(peer) is int:  # not a bool, which a dict would take for 0 or 1
+        try:
+            return _ACTIVE.get()[-1]._pair_routes[axis, device, peer]
+        except (IndexError, KeyError, TypeError):  # no activation; not seen yet; unhashable
+            pass
+    ctx, names, n = find_context(axis, operation)
+    comm = _pair(ctx, names, n, axis, peer, operation, name, device)
+    if type(peer) is int and _ACTIVE.get()[-1] is ctx:  # else the stack below may differ
+        with contextlib.suppress(TypeError):  # an unhashable axis (a list): not remembered
+            ctx._pair_routes[axis, device, peer] = comm
+    return comm
+
+
 def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
     """Send ``x`` to index ``dst`` of ``axis``; that rank must call :func:`recv` with this
     rank's index as ``src`` and ``x``'s shape and dtype.
@@ -50,8 +75,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
             if topo.axis_index("pp") == 0:
                 topo.send(activations, axis="pp", dst=1)
     """
-    ctx, names, n, device = locate(x, axis, "send")
-    comm = _pair(ctx, names, n, axis, dst, "send", "dst", device)
+    comm = _pair_route(axis, dst, "send", "dst", device_type(x, "send"))
     comm.exchange([(1 - comm.index, x.contiguous())], [])
 
 
@@ -70,13 +94,12 @@ def recv(
             if topo.axis_index("pp") == 1:
                 acts = topo.recv((4, 1024), torch.bfloat16, axis="pp", src=0)
     """
-    ctx, names, n = find_context(axis, "recv")
     try:
         template, kind = _TEMPLATES[dtype, device]
     except (KeyError, TypeError):
         template, kind = _template(dtype, device)
     dims = _dims(shape)
-    comm = _pair(ctx, names, n, axis, src, "recv", "src", kind)
+    comm = _pair_route(axis, src, "recv", "src", kind)
     pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
     buffer: torch.Tensor
     if pool is not None and kind == "cpu":

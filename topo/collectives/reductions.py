@@ -10,13 +10,13 @@ from topo.collectives._common import (
     check_reduce,
     device_type,
     into_same_shape,
-    locate,
     result_into,
+    route,
     stack_chunks,
 )
 from topo.communicators.base import ReduceOp
 from topo.mesh import Axis
-from topo.ops._library import call, group_of, needs_op
+from topo.ops._library import call, group_of
 
 __all__ = ["all_reduce", "reduce_scatter"]
 
@@ -38,14 +38,14 @@ def all_reduce(
             y = topo.all_reduce(torch.ones(3), axis="tp")   # tensor([2., 2., 2.])
             topo.all_reduce(grads, axis="dp", op="avg", out=grads)   # in place
     """
-    if needs_op(x):
+    found = route(x, axis, "all_reduce", op)
+    if found is None:
         return _all_reduce_op(x, axis, op, out)
-    ctx, names, n, device = locate(x, axis, "all_reduce", op)
+    comm = found[0]
     if out is not None:
-        return into_same_shape(ctx, names, n, device, x, out, "all_reduce", op)
-    if n == 1:
+        return into_same_shape(comm, x, out, "all_reduce", op)
+    if comm is None:  # a group of one
         return x.clone()
-    comm = ctx.communicator(names, device)
     return comm.all_reduce(x if x.is_contiguous() else x.contiguous(), op)
 
 
@@ -78,27 +78,31 @@ def reduce_scatter(
             y = topo.reduce_scatter(torch.arange(4.0), axis="tp")
             # index 0: tensor([0., 2.]); index 1: tensor([4., 6.])
     """
-    if needs_op(x):
+    found = route(x, axis, "reduce_scatter", op)
+    if found is None:
         return _reduce_scatter_op(x, axis, dim, op, out)
-    ctx, names, n, device = locate(x, axis, "reduce_scatter", op)
+    comm, n = found
+    shape = x.shape
     # check_dim's common case inlined (a non-negative int dim): no call
-    d = dim if type(dim) is int and 0 <= dim < x.dim() else check_dim(x, dim, "reduce_scatter")
-    if d == 0 and n > 1 and x.shape[0] % n == 0:  # chunks already laid along dim 0
-        comm = ctx.communicator(names, device)
+    d = dim if type(dim) is int and 0 <= dim < len(shape) else check_dim(x, dim, "reduce_scatter")
+    if d == 0 and comm is not None and shape[0] % n == 0:  # chunks already laid along dim 0
         flat = x if x.is_contiguous() else x.contiguous()
         if out is None:
-            dim0 = getattr(comm, "reduce_scatter_dim0", None)
-            if dim0 is not None:
+            try:  # an attribute, not getattr(..., None): 0.1 µs less per call
+                dim0 = comm.reduce_scatter_dim0  # type: ignore[attr-defined]
+            except AttributeError:  # a communicator without it: the general path below
+                pass
+            else:
                 return dim0(flat, op)  # type: ignore[no-any-return]
         else:
             into = getattr(comm, "reduce_scatter_into", None)
-            check_out(out, x, (x.shape[0] // n, *x.shape[1:]), "reduce_scatter")
+            check_out(out, x, (shape[0] // n, *shape[1:]), "reduce_scatter")
             if into is not None and out.is_contiguous():
                 return into(flat, op, out)  # type: ignore[no-any-return]
     stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
     if out is not None:
         check_out(out, x, stacked.shape[1:], "reduce_scatter")
-    y = stacked[0].clone() if n == 1 else ctx.communicator(names, device).reduce_scatter(stacked, op)
+    y = stacked[0].clone() if comm is None else comm.reduce_scatter(stacked, op)
     return y if out is None else out.copy_(y)
 
 

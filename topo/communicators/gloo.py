@@ -162,7 +162,10 @@ class GlooCommunicator:
 
             self._run("broadcast", [y], y, pg.broadcast, [y], options)
         """
-        self.flight.record(operation, x)
+        if x is None:
+            self.flight.record(operation)
+        else:
+            self.flight.record(operation, x.shape, x.dtype)
         before = self.handed.counts(tensors)
         try:
             start(*args).wait()
@@ -186,7 +189,7 @@ class GlooCommunicator:
     def _all_reduce(self, y: torch.Tensor, op: ReduceOp) -> torch.Tensor:
         """Reduce ``y`` in place over the group."""
         pg = self._pg if self._pg is not None else self.pg  # closed: raises, nothing recorded
-        self.flight.record("all_reduce", y)
+        self.flight.record("all_reduce", y.shape, y.dtype)
         before = use_count(y)
         try:
             pg.allreduce([y], self._reduce_options[op]).wait()

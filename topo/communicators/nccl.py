@@ -228,11 +228,12 @@ class NcclCommunicator:
         method, so the allocating call costs no second Python frame)."""
         if out is None:
             out = torch.empty_like(x)
-        self.flight.record("all_reduce", x)
+        dtype = x.dtype
+        self.flight.record("all_reduce", x.shape, dtype)
         if x.device != self.device:
             self._check(x, "all_reduce")
         comm = self._comm or self._live()
-        codes = self._codes.get((x.dtype, op))  # _reduce_codes, inlined
+        codes = self._codes.get((dtype, op))  # _reduce_codes, inlined
         code, nccl_op, native = codes if codes is not None else self._reduce_codes(x, op)
         try:
             comm.allReduce(x.data_ptr(), out.data_ptr(), x.numel(), code, nccl_op, self._stream())
@@ -252,15 +253,15 @@ class NcclCommunicator:
         of ``x``'s dtype, index ``i``'s ``x`` in block ``i`` (any shape with that layout).
         Without ``out``, into a new ``(size * x.shape[0], ...)``: that is
         :meth:`all_gather_dim0`, every rank's ``x`` concatenated along dim 0."""
-        if out is None:
-            shape = x.shape  # sizes as separate ints: torch parses them faster than a tuple
+        shape, dtype = x.shape, x.dtype
+        if out is None:  # sizes as separate ints: torch parses them faster than a tuple
             rows = self.size * shape[0]
             out = x.new_empty(rows) if len(shape) == 1 else x.new_empty(rows, *shape[1:])
-        self.flight.record("all_gather", x)
+        self.flight.record("all_gather", shape, dtype)
         if x.device != self.device:
             self._check(x, "all_gather")
         comm = self._comm or self._live()
-        code, scale = _MOVED[x.dtype]  # _moved, inlined
+        code, scale = _MOVED[dtype]  # _moved, inlined
         count = x.numel() * scale
         try:
             comm.allGather(x.data_ptr(), out.data_ptr(), count, code, self._stream())
@@ -280,16 +281,15 @@ class NcclCommunicator:
         elements); block ``i`` of ``x``'s memory goes to index ``i``. Without ``out``, ``x``
         is ``(size * k, ...)`` and the result a new ``(k, ...)``, the reduction of every rank's
         block ``index`` of ``k`` rows: that is :meth:`reduce_scatter_dim0`."""
-        if out is None:
-            shape = x.shape
+        shape, dtype = x.shape, x.dtype
+        if out is None:  # a flat bucket (the common case) gets the fastest allocation: one int
             rows = shape[0] // self.size
-            # a flat bucket (the common case) gets the fastest allocation: one int
             out = x.new_empty(rows) if len(shape) == 1 else x.new_empty(rows, *shape[1:])
-        self.flight.record("reduce_scatter", x)
+        self.flight.record("reduce_scatter", shape, dtype)
         if x.device != self.device:
             self._check(x, "reduce_scatter")
         comm = self._comm or self._live()
-        codes = self._codes.get((x.dtype, op))  # _reduce_codes, inlined
+        codes = self._codes.get((dtype, op))  # _reduce_codes, inlined
         code, nccl_op, native = codes if codes is not None else self._reduce_codes(x, op)
         try:
             comm.reduceScatter(
@@ -304,12 +304,13 @@ class NcclCommunicator:
     reduce_scatter_dim0 = reduce_scatter_into
 
     def broadcast(self, x: torch.Tensor, src: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        self.flight.record("broadcast", x)
+        dtype = x.dtype
+        self.flight.record("broadcast", x.shape, dtype)
         if x.device != self.device:
             self._check(x, "broadcast")
         comm = self._comm or self._live()
         y = torch.empty_like(x) if out is None else out  # out: contiguous, x's shape (or x)
-        code, scale = _MOVED[x.dtype]  # _moved, inlined
+        code, scale = _MOVED[dtype]  # _moved, inlined
         count = x.numel() * scale
         try:
             comm.broadcast(x.data_ptr(), y.data_ptr(), count, code, src, self._stream())
@@ -320,7 +321,7 @@ class NcclCommunicator:
     broadcast_into = broadcast
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
-        self.flight.record("gather", x)
+        self.flight.record("gather", x.shape, x.dtype)
         self._check(x, "gather")
         count, code = self._moved(x)
         if self.index != dst:
@@ -339,7 +340,7 @@ class NcclCommunicator:
         return out
 
     def scatter(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        self.flight.record("scatter", x)
+        self.flight.record("scatter", x.shape, x.dtype)
         self._check(x, "scatter")
         out = x.new_empty(x.shape[1:])
         count, code = self._moved(out)
@@ -364,7 +365,7 @@ class NcclCommunicator:
     def all_to_all_dim0(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of ``(size * k, ...)`` (or stacked ``(size, ...)``): block ``j`` of the result
         is index ``j``'s block ``index``; the result has ``x``'s shape."""
-        self.flight.record("all_to_all", x)
+        self.flight.record("all_to_all", x.shape, x.dtype)
         if x.device != self.device:
             self._check(x, "all_to_all")
         out = torch.empty_like(x)
@@ -385,16 +386,16 @@ class NcclCommunicator:
     def all_gatherv_dim0(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """Every rank's ``x`` (index ``i`` has ``sizes[i]`` rows) concatenated along dim 0, in
         one group of sends and receives (this rank's part too: NCCL copies to itself)."""
-        self.flight.record("all_gatherv", x)
+        shape, dtype = x.shape, x.dtype
+        self.flight.record("all_gatherv", shape, dtype)
         if x.device != self.device:
             self._check(x, "all_gatherv")
-        shape = x.shape
         if len(shape) == 1:  # sizes as separate ints: torch parses them faster than a tuple
             out, row_elements = x.new_empty(sum(sizes)), 1
         else:
             out, row_elements = x.new_empty(sum(sizes), *shape[1:]), math.prod(shape[1:])
-        code, scale = _MOVED[x.dtype]
-        per_row, row_bytes = row_elements * scale, row_elements * x.element_size()
+        code, scale = _MOVED[dtype]
+        per_row, row_bytes = row_elements * scale, row_elements * dtype.itemsize
         mine = sizes[self.index] * per_row
         sent, received = x.data_ptr(), out.data_ptr()
         comm, stream = self._comm or self._live(), self._stream()
@@ -421,7 +422,7 @@ class NcclCommunicator:
         """``x`` laid along dim 0, ``send_sizes[j]`` rows for index ``j``; the result stacks
         the ``recv_sizes[i]`` rows from each index ``i``: one group of sends and receives
         (this rank's own block too: NCCL copies to itself); empty blocks move nothing."""
-        self.flight.record("all_to_allv", x)
+        self.flight.record("all_to_allv", x.shape, x.dtype)
         if x.device != self.device:
             self._check(x, "all_to_allv")
         out = x.new_empty((sum(recv_sizes), *x.shape[1:]))

@@ -13,7 +13,7 @@ model; this one keeps counts, names, shapes and dtypes only (no timings, no stac
 Example::
 
     recorder = FlightRecorder()
-    recorder.record("all_reduce", torch.ones(4))
+    recorder.record("all_reduce", torch.Size([4]), torch.float32)
     recorder.calls, recorder.last()   # (1, ['all_reduce(float32[4])'])
 """
 
@@ -46,18 +46,19 @@ class FlightRecorder:
         self._ring: list[tuple[str, torch.Size | None, torch.dtype | None] | None]
         self._ring = [None] * DEPTH
 
-    def record(self, operation: str, x: torch.Tensor | None = None) -> None:
-        """Count a call of ``operation`` on input ``x`` (made before the call runs).
+    def record(
+        self, operation: str, shape: torch.Size | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Count a call of ``operation`` on an input of ``shape`` and ``dtype`` (made before
+        the call runs; the caller passes what it has read from its input anyway).
 
         Example::
 
-            self.flight.record("all_reduce", x)
+            self.flight.record("all_reduce", x.shape, x.dtype)
         """
         n = self.calls + 1
         self.calls = n
-        self._ring[n & _MASK] = (
-            (operation, None, None) if x is None else (operation, x.shape, x.dtype)
-        )
+        self._ring[n & _MASK] = (operation, shape, dtype)
 
     def last(self) -> list[str]:
         """The last calls, oldest first, as ``operation(dtype[shape])``.
