@@ -199,9 +199,13 @@ def test_out_refuses_autograd(single: Any) -> None:
         topo.all_reduce(x, "tp", out=torch.empty(2, 3))
     with pytest.raises(topo.TopoValueError, match="does not support autograd"):
         topo.broadcast(x, "tp", out=torch.empty(2, 3))
+    with pytest.raises(topo.TopoValueError, match="does not support autograd"):
+        topo.broadcast(x, "tp", out=x)  # in place is refused too
     with torch.no_grad():
         out = torch.empty(2, 3)
         assert topo.all_reduce(x, "tp", out=out) is out
+        assert topo.all_reduce(x, "tp", out=x) is x  # in place, under no_grad
+        assert topo.broadcast(x, "tp", out=x) is x
 
 
 def test_integer_tensors_cannot_require_grad() -> None:

@@ -126,3 +126,10 @@ def test_outputs_are_on_the_cpu_whatever_the_default_device(
         made.append(large.empty((4,), torch.float64))
     assert large.held_bytes == 2 * 32  # the reused storage and the one still held
     assert [y.device.type for y in made] == ["cpu"] * 4
+    x = torch.ones(2, 3, dtype=torch.float64).t()  # not contiguous: the outputs are
+    with torch.device("meta"):
+        likes = [pool.empty_like(x) for pool in (small, large)]
+        likes += [pool.clone(x) for pool in (small, large)]
+    assert [(y.device.type, y.shape, y.is_contiguous()) for y in likes] == [
+        ("cpu", torch.Size([3, 2]), True)
+    ] * 4

@@ -310,11 +310,13 @@ def into_same_shape(
 
         return into_same_shape(comm, x, out, "broadcast", root)
     """
-    target = check_out(out, x, x.shape, operation)
+    # in place (out is x): x's own shape, dtype and device; only a gradient is refused
+    in_place = out is x and not x.requires_grad
+    target = x if in_place else check_out(out, x, x.shape, operation)
     if comm is None:
         return target if target is x else target.copy_(x)
     into = getattr(comm, _INTO[operation], None)
-    if into is not None and target.is_contiguous() and x.is_contiguous():
+    if into is not None and target.is_contiguous() and (in_place or x.is_contiguous()):
         return into(x, arg, target)  # type: ignore[no-any-return]
     return target.copy_(getattr(comm, operation)(x.contiguous(), arg))
 

@@ -23,6 +23,7 @@ import torch
 
 __all__ = ["BufferPool"]
 
+_CONTIGUOUS = torch.contiguous_format
 _use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -110,6 +111,9 @@ class BufferPool:
 
             y = pool.empty_like(x)
         """
+        if x.nbytes < self.min_bytes or not self.enabled:
+            # One C++ call, as clone's: on x's device (the CPU), whatever torch's default is.
+            return torch.empty_like(x, memory_format=_CONTIGUOUS)
         return self.empty(x.shape, x.dtype)
 
     def clone(self, x: torch.Tensor) -> torch.Tensor:
