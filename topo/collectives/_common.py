@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -119,11 +119,24 @@ def _first_route(
     communicator, remembered where the innermost activation itself has ``axis``."""
     ctx, names, n, device = locate(x, axis, operation, op)
     found = (ctx.communicator(names, device) if n > 1 else None, n)
-    if _ACTIVE.get()[-1] is ctx:  # an outer activation's axis: the stack below may differ
-        key = (axis, device) if op is NO_REDUCTION else (axis, device, x.dtype, op)
-        with contextlib.suppress(TypeError):  # an unhashable axis (a list): not remembered
-            ctx._routes[key] = found
+    key = (axis, device) if op is NO_REDUCTION else (axis, device, x.dtype, op)
+    remember(ctx, ctx._routes, key, found)
     return found
+
+
+def remember(ctx: MeshContext, routes: dict[Any, Any], key: tuple[Any, ...], found: Any) -> None:
+    """Put ``found`` in ``routes`` (one of ``ctx``'s route tables) where that is safe: ``ctx``
+    is the innermost active activation (an outer activation's axis was found through the
+    stack below, which can differ where the same activation is entered again) and ``key`` is
+    hashable (an axis given as a list is not).
+
+    Example::
+
+        remember(ctx, ctx._pair_routes, ("pp", "cpu", 1), comm)
+    """
+    if _ACTIVE.get()[-1] is ctx:
+        with contextlib.suppress(TypeError):
+            routes[key] = found
 
 
 def _default_backend(device: str) -> Backend | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +13,7 @@ from topo.collectives._common import (
     check_peer,
     check_tensor,
     device_type,
+    remember,
 )
 from topo.communicators.base import Communicator
 from topo.context import MeshContext
@@ -59,9 +59,8 @@ def _pair_route(
             pass
     ctx, names, n = find_context(axis, operation)
     comm = _pair(ctx, names, n, axis, peer, operation, name, device)
-    if type(peer) is int and _ACTIVE.get()[-1] is ctx:  # else the stack below may differ
-        with contextlib.suppress(TypeError):  # an unhashable axis (a list): not remembered
-            ctx._pair_routes[axis, device, peer] = comm
+    if type(peer) is int:
+        remember(ctx, ctx._pair_routes, (axis, device, peer), comm)
     return comm
 
 
