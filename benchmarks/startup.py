@@ -13,7 +13,14 @@ environment as torchrun would set it), each of which imports torch, then times:
   the moment the last rank begins (wall clock: the processes' start-up skew is left out)
   until every rank is done;
 - ``store ops``: the store operations topo's rank made (``ctx.store_ops``), which must grow
-  with the number of axes, not with the world size.
+  with the number of axes, not with the world size;
+- ``CPU per rank``: the CPU time a rank's process (all its threads) spent from its begin to
+  its end, the mean over ranks: what one rank's start costs a machine whose cores its peers
+  share. On a small machine it is much steadier than the wall clock, which swings with the
+  order in which the ranks get a core. topo's includes importing its runtime (``topo.context``,
+  ``topo.collectives``, the gloo communicator: about 6-9 ms here), which it loads on first use
+  so that ``import topo`` stays free of torch; torch's distributed package is imported by
+  ``import torch``, before the clock starts.
 
 Launches alternate which of the two goes first (a warm page cache helps the second); the
 figures are medians over launches, and each side's best launch. torch's start is bimodal on
@@ -52,29 +59,30 @@ if kind == "topo":
     import_s = time.perf_counter() - t0
     names = ["a", "b", "c"][: len(shape)]
     mesh = topo.DeviceMesh(**dict(zip(names, shape)))
-    begin = time.time()
+    begin, cpu = time.time(), time.process_time()
     with mesh.activate(timeout=60) as ctx:
         activated = time.time()
         for name in names:
             topo.all_reduce(torch.ones(4), axis=name)
-        end = time.time()
+        end, cpu = time.time(), time.process_time() - cpu
         ops = ctx.store_ops
         loaded = {m: m in sys.modules for m in ("torch._dynamo", "topo.ops.all_reduce")}
     print(json.dumps({"import": import_s, "begin": begin, "activated": activated, "end": end,
-                      "ops": ops, "loaded": loaded, "torch": torch_s}))
+                      "ops": ops, "loaded": loaded, "torch": torch_s, "cpu": cpu}))
 else:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    begin = time.time()
+    begin, cpu = time.time(), time.process_time()
     dist.init_process_group("gloo")
     names = tuple(["a", "b", "c"][: len(shape)])
     dm = init_device_mesh("cpu", tuple(shape), mesh_dim_names=names)
     activated = time.time()
     for name in names:
         dist.all_reduce(torch.ones(4), group=dm.get_group(name))
-    end = time.time()
+    end, cpu = time.time(), time.process_time() - cpu
     dist.destroy_process_group()
-    print(json.dumps({"begin": begin, "activated": activated, "end": end, "torch": torch_s}))
+    print(json.dumps({"begin": begin, "activated": activated, "end": end, "torch": torch_s,
+                      "cpu": cpu}))
 """
 
 
@@ -132,6 +140,7 @@ def compare(shape: list[int], launches: int) -> dict[str, Any]:
             job = {
                 "activate": max(r["activated"] for r in ranks) - last,
                 "start": max(r["end"] for r in ranks) - last,
+                "cpu": statistics.mean(r["cpu"] for r in ranks),
             }
             if "import" in ranks[0]:
                 job["import"] = max(r["import"] for r in ranks)
@@ -170,9 +179,9 @@ def main() -> None:
     print(f"python -c 'import topo' (torch not imported): {time.perf_counter() - t0:.3f} s")
     results = []
     print("| mesh | topo import s | topo activate s | topo start s | torch start s | "
-          "topo/torch | best: topo s / torch s | store ops per rank | "
-          "dynamo / custom ops loaded |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "topo/torch | best: topo s / torch s | CPU ms per rank: topo / torch | "
+          "store ops per rank | dynamo / custom ops loaded |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for shape, launches in (([2, 2], args.launches), ([2, 2, 2], args.launches),
                             ([4, 4, 2], large)):  # fmt: skip
         r = compare(shape, launches)
@@ -181,6 +190,7 @@ def main() -> None:
         best = f"{r['bests']['topo']['start']:.3f} / {r['bests']['torch']['start']:.3f}"
         print(f"| {'x'.join(map(str, shape))} | {t['import']:.3f} | {t['activate']:.3f} | "
               f"{t['start']:.3f} | {h['start']:.3f} | {t['start'] / h['start']:.2f} | {best} | "
+              f"{t['cpu'] * 1e3:.1f} / {h['cpu'] * 1e3:.1f} | "
               f"{r['store_ops']} | {r['loaded']['torch._dynamo']} / "
               f"{r['loaded']['topo.ops.all_reduce']} |", flush=True)  # fmt: skip
     if args.json:

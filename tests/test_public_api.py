@@ -82,6 +82,30 @@ def test_import_topo_alone_does_not_import_torch(
     assert result.stdout.strip() == "[]", f"import topo imported torch: {result.stdout[:300]}"
 
 
+@pytest.mark.multiprocess  # a fresh interpreter
+def test_a_start_imports_only_what_it_runs(
+    python_subprocess: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """Every rank of a job pays its start's imports: an activation and a first collective
+    load neither the launcher nor the simulator (``topo.all_reduce`` is found without them),
+    nor the ``idna`` codec (the store's address goes to ``getaddrinfo`` as bytes), and the
+    object codec's dtype table waits for the first object that carries a dtype."""
+    code = (
+        "import sys, torch, topo\n"
+        "w = topo.World(rank=0, world_size=1, master_port=0)\n"
+        "with topo.DeviceMesh(tp=1).activate(w, timeout=30):\n"
+        "    topo.all_reduce(torch.ones(2), 'tp')\n"
+        "    topo.all_gather(torch.ones(2), 'tp')\n"
+        "unwanted = ('topo.launch', 'topo.simulation', 'topo.communicators.threads',\n"
+        "            'encodings.idna', 'stringprep')\n"
+        "print(sorted(m for m in unwanted if m in sys.modules))\n"
+        "print(sys.modules['topo.codec']._dtypes.cache_info().currsize)\n"
+    )
+    result = python_subprocess(code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "0"], result.stdout[:300]
+
+
 def test_every_error_class_is_a_topo_error() -> None:
     classes = [getattr(topo.errors, n) for n in topo.errors.__all__]
     assert classes

@@ -46,17 +46,19 @@ if TYPE_CHECKING:  # the same modules as _LAZY_MODULES, for type checkers
 
 __version__ = "0.1.0"
 
-#: The modules whose ``__all__`` topo re-exports besides the eager ones: those that need no
-#: torch first, so that ``topo.World`` or ``topo.TopoError`` never import it.
+#: The modules whose ``__all__`` topo re-exports besides the eager ones. A lookup imports them
+#: in this order until one defines the name: those that need no torch first, so that
+#: ``topo.World`` or ``topo.TopoError`` never import it; then what every program's start needs
+#: (``topo.all_reduce`` imports neither the launcher nor the simulator).
 _LAZY_MODULES = (
     "topo.errors",
     "topo.world",
-    "topo.launch",
-    "topo.simulation",
     "topo.context",
     "topo.active",
     "topo.coordinator",
     "topo.collectives",
+    "topo.launch",
+    "topo.simulation",
     "topo.rng",
     "topo.partition_spec",
     "topo.spmd",

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -44,9 +45,14 @@ _SAFE = b"tpo1"
 _PICKLED = b"pkl1"
 _LENGTH = struct.Struct("<Q")
 
-_DTYPES: dict[str, torch.dtype] = {
-    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
-}
+
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """torch's dtypes by name (``"float32"``), built by the first decode that meets one (a walk
+    over ``vars(torch)`` that every import would otherwise pay)."""
+    return {
+        str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+    }
 
 
 def encode(value: Any, operation: str, allow_pickle: bool = False) -> bytes:
@@ -231,8 +237,8 @@ class _Decoder:
             return bytearray(data) if body[2] is True else data
         if tag == "t" and isinstance(body, list) and len(body) == 5:
             return self._tensor(body, node)
-        if tag == "dt" and isinstance(body, str) and body in _DTYPES:
-            return _DTYPES[body]
+        if tag == "dt" and isinstance(body, str) and body in _dtypes():
+            return _dtypes()[body]
         if tag == "dv" and isinstance(body, str):
             try:
                 return torch.device(body)
@@ -265,7 +271,7 @@ class _Decoder:
 
     def _tensor(self, body: list[Any], node: object) -> torch.Tensor:
         name, shape, device, at, size = body
-        dtype = _DTYPES.get(name) if isinstance(name, str) else None
+        dtype = _dtypes().get(name) if isinstance(name, str) else None
         if dtype is None:
             raise TopoTypeError(
                 f"topo.{self.operation} received a tensor of dtype {name!r}, which this torch "
