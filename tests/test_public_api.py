@@ -88,8 +88,9 @@ def test_a_start_imports_only_what_it_runs(
 ) -> None:
     """Every rank of a job pays its start's imports: an activation and a first collective
     load neither the launcher nor the simulator (``topo.all_reduce`` is found without them),
-    nor the ``idna`` codec (the store's address goes to ``getaddrinfo`` as bytes), and the
-    object codec's dtype table waits for the first object that carries a dtype."""
+    nor the ``idna`` codec (the store's address goes to ``getaddrinfo`` as bytes), nor
+    ``hmac`` and ``secrets`` without a secret, and the object codec's dtype table waits for
+    the first object that carries a dtype."""
     code = (
         "import sys, torch, topo\n"
         "w = topo.World(rank=0, world_size=1, master_port=0)\n"
@@ -97,7 +98,7 @@ def test_a_start_imports_only_what_it_runs(
         "    topo.all_reduce(torch.ones(2), 'tp')\n"
         "    topo.all_gather(torch.ones(2), 'tp')\n"
         "unwanted = ('topo.launch', 'topo.simulation', 'topo.communicators.threads',\n"
-        "            'encodings.idna', 'stringprep')\n"
+        "            'encodings.idna', 'stringprep', 'hmac', 'secrets')\n"
         "print(sorted(m for m in unwanted if m in sys.modules))\n"
         "print(sys.modules['topo.codec']._dtypes.cache_info().currsize)\n"
     )
