@@ -92,7 +92,8 @@ def test_a_start_imports_only_what_it_runs(
     ``hmac`` and ``secrets`` without a secret, and the object codec's dtype table waits for
     the first object that carries a dtype."""
     code = (
-        "import sys, torch, topo\n"
+        "import os, sys, torch, topo\n"
+        "os.environ.pop('TOPO_SECRET', None)  # a job without a secret\n"
         "w = topo.World(rank=0, world_size=1, master_port=0)\n"
         "with topo.DeviceMesh(tp=1).activate(w, timeout=30):\n"
         "    topo.all_reduce(torch.ones(2), 'tp')\n"
