@@ -198,6 +198,12 @@ def call_table(
             return None
         return topo.recv((n,), torch.float32, axis="tp", src=0, device=device)
 
+    def topo_p2p_out() -> object:
+        if me == 0:
+            topo.send(x, axis="tp", dst=1)
+            return None
+        return topo.recv((n,), torch.float32, axis="tp", src=0, device=device, out=out)
+
     table: dict[str, dict[str, Callable[[], object]]] = {
         "all_reduce": {
             "topo": lambda: topo.all_reduce(x, axis="tp"),
@@ -235,7 +241,12 @@ def call_table(
             "raw cupy": raw_all_to_all,
             "raw cupy + alloc": raw_all_to_all_alloc,
         },
-        "send/recv": {"topo": topo_p2p, "raw cupy": raw_p2p, "raw cupy + alloc": raw_p2p_alloc},
+        "send/recv": {
+            "topo": topo_p2p,
+            "topo out=": topo_p2p_out,
+            "raw cupy": raw_p2p,
+            "raw cupy + alloc": raw_p2p_alloc,
+        },
         "all_gatherv": {
             "topo": lambda: topo.all_gatherv(mine, axis="tp", sizes=sizes, method="p2p"),
             "raw cupy": raw_gatherv,

@@ -296,6 +296,11 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
             return topo.send(x, names, dst=peer)
         return topo.recv((count,), torch.float32, names, src=peer)
 
+    def topo_p2p_out() -> object:
+        if me % 2 == 0:
+            return topo.send(x, names, dst=peer)
+        return topo.recv((count,), torch.float32, names, src=peer, out=out)
+
     def raw_p2p() -> None:
         if me % 2 == 0:
             pg.send([x], peer, 0).wait()
@@ -364,7 +369,8 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
                        "raw": lambda: pg.alltoall_base(out, x, [], [],
                                                        dist.AllToAllOptions()).wait(),
                        "torch": torch_all_to_all},
-        "send/recv": {"topo": topo_p2p, "raw": raw_p2p, "torch": torch_p2p},
+        "send/recv": {"topo": topo_p2p, "topo out=": topo_p2p_out, "raw": raw_p2p,
+                      "torch": torch_p2p},
         "all_gatherv": {"topo": lambda: topo.all_gatherv(mine, names, sizes=sizes)},
     }  # fmt: skip
     result: dict[str, dict[str, list[float]]] = {}

@@ -161,11 +161,15 @@ def run_suite(axes: list[Any]) -> dict[str, Any]:
             rank_object(rank), axis, src=n - 1
         )
         results[(axis, "all_gather_object")] = topo.all_gather_object(rank_object(rank), axis)
-        # send/recv: index 0 -> n-1 (float32), n-1 -> 0 (complex64), 1 -> 2 (int64)
+        # send/recv: index 0 -> n-1 (float32), n-1 -> 0 (complex64, into a contiguous out=),
+        # 1 -> 2 (a non-contiguous tensor, into a non-contiguous out=)
         if n >= 2:
             if me == 0:
                 topo.send(x["f32"], axis, dst=n - 1)
-                results[(axis, "recv/c64")] = topo.recv((4, 8), torch.complex64, axis, src=n - 1)
+                out = torch.full((4, 8), -1, dtype=torch.complex64)
+                got = topo.recv((4, 8), torch.complex64, axis, src=n - 1, out=out)
+                results[(axis, "recv/c64")] = got
+                results[(axis, "recv/c64 is out")] = got is out
             if me == n - 1:
                 results[(axis, "recv/f32")] = topo.recv(torch.Size([4, 8]), torch.float32, axis, 0)
                 topo.send(x["c64"], axis, dst=0)
@@ -173,7 +177,10 @@ def run_suite(axes: list[Any]) -> dict[str, Any]:
             if me == 1:
                 topo.send(x["nc"], axis, dst=2)
             if me == 2:
-                results[(axis, "recv/nc")] = topo.recv([4, 8], torch.float32, axis, src=1)
+                strided = torch.full((8, 4), -1.0).t()  # (4, 8), not contiguous
+                got = topo.recv([4, 8], torch.float32, axis, src=1, out=strided)
+                results[(axis, "recv/nc")] = got
+                results[(axis, "recv/nc is out")] = got is strided
         # barrier(axis): every member's mark is in the store once the barrier returns
         store = ctx.coordinator.store
         label = "+".join(axis) if isinstance(axis, tuple) else axis

@@ -135,6 +135,10 @@ COLLECTIVES: list[tuple[str, Callable[[], object], type[BaseException], str]] = 
     ("recv shape str", lambda: topo.recv("4", torch.float32, "tp", src=0), TopoType, "sequence of ints"),
     ("recv dtype str", lambda: topo.recv((2,), "float32", "tp", src=0), TopoType, "torch.dtype"),
     ("recv device", lambda: topo.recv((2,), torch.float32, "tp", src=0, device="nope"), TopoValue, "device"),
+    ("recv out list", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=[0.0, 0.0]), TopoType, "torch.Tensor (or None)"),
+    ("recv out dtype", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(2, dtype=torch.float64)), TopoType, "dtype and device it receives"),
+    ("recv out shape", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(3)), TopoValue, "shape it receives (2,)"),
+    ("recv out grad", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(2, requires_grad=True)), TopoValue, "needs no gradient"),
     ("function object", lambda: topo.broadcast_object(lambda: 0, "tp"), TopoType, "allow_pickle=True"),
     (
         "unpicklable gather",

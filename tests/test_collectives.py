@@ -213,6 +213,8 @@ def test_send_recv(spawned: Any) -> None:
             for key in ("recv/c64", "recv/f32", "recv/nc"):
                 if key in expected:
                     assert_same(got[(axis, key)], expected[key], False, f"rank {rank} {axis} {key}")
+                    if key != "recv/f32":  # received into out=: out itself is returned
+                        assert got[(axis, f"{key} is out")] is True, (rank, axis, key)
                     checked += 1
                 else:
                     assert (axis, key) not in got

@@ -110,6 +110,32 @@ def test_float_results_are_bit_identical_on_every_rank() -> None:
     assert all(torch.equal(r.view(torch.int32), results[0].view(torch.int32)) for r in results)
 
 
+def test_recv_into_out_contiguous_or_strided() -> None:
+    """Each stage sends two tensors down the ring; the next receives them into a contiguous
+    and a strided ``out``, gets ``out`` itself back, and holds the sender's values."""
+
+    def sent(rank: int, k: int) -> torch.Tensor:
+        return torch.arange(6.0).reshape(2, 3) + 100 * rank + 10 * k
+
+    def work() -> list[Any]:
+        me, n = topo.axis_index("pp"), topo.axis_size("pp")
+        outs = [torch.full((2, 3), -1.0), torch.full((3, 2), -1.0).t()]
+        got = []
+        for k, out in enumerate(outs):
+            if me % 2 == 0:  # even indices send first: no cycle of blocked sends
+                topo.send(sent(me, k), "pp", dst=(me + 1) % n)
+                got.append(topo.recv((2, 3), torch.float32, "pp", src=(me - 1) % n, out=out))
+            else:
+                got.append(topo.recv((2, 3), torch.float32, "pp", src=(me - 1) % n, out=out))
+                topo.send(sent(me, k), "pp", dst=(me + 1) % n)
+        return [(g is out, g) for g, out in zip(got, outs, strict=True)]
+
+    for rank, received in enumerate(topo.simulate(DeviceMesh(pp=4), work, timeout=WAIT)):
+        for k, (is_out, value) in enumerate(received):
+            assert is_out, (rank, k)
+            assert torch.equal(value, sent((rank - 1) % 4, k)), (rank, k, value)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(topo.TopoTypeError, match="callable"):
         topo.simulate(DeviceMesh(tp=2), "work")  # type: ignore[arg-type]

@@ -84,21 +84,33 @@ def recv(
     axis: Axis,
     src: int,
     device: torch.device | str = "cpu",
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Receive a tensor of ``shape`` and ``dtype`` from index ``src`` of ``axis``.
+
+    With ``out`` (a tensor of that shape and dtype on ``device``) the tensor is received there
+    and ``out`` is returned, as ``torch.distributed.recv`` receives into its tensor: a
+    contiguous ``out`` takes the bytes directly, with no allocation.
 
     Example::
 
         with DeviceMesh(pp=2).activate():
             if topo.axis_index("pp") == 1:
                 acts = topo.recv((4, 1024), torch.bfloat16, axis="pp", src=0)
+                topo.recv(acts.shape, acts.dtype, "pp", src=0, out=acts)  # 0's next send
     """
     try:
         template, kind = _TEMPLATES[dtype, device]
     except (KeyError, TypeError):
         template, kind = _template(dtype, device)
     dims = _dims(shape)
+    if out is not None:
+        _check_recv_out(out, dims, template)
     comm = _pair_route(axis, src, "recv", "src", kind)
+    if out is not None and out.is_contiguous():  # the bytes land in out itself
+        comm.exchange([], [(1 - comm.index, out)])
+        return out
     pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
     buffer: torch.Tensor
     if pool is not None and kind == "cpu":
@@ -106,7 +118,33 @@ def recv(
     else:  # sizes as separate ints: torch parses them faster than a tuple
         buffer = template.new_empty(*dims) if dims else template.new_empty(())
     comm.exchange([], [(1 - comm.index, buffer)])
-    return buffer
+    return buffer if out is None else out.copy_(buffer)  # a strided out: through a copy
+
+
+def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) -> None:
+    """recv's ``out``: a tensor of the received shape, ``dtype`` and device that needs no
+    gradient; else a TypeError/ValueError naming what was required and got."""
+    if not isinstance(out, torch.Tensor):
+        raise TopoTypeError(
+            f"topo.recv out requires a torch.Tensor (or None), but got {type(out).__name__}"
+        )
+    if out.dtype != template.dtype or out.device != template.device:
+        raise TopoTypeError(
+            f"topo.recv out requires the dtype and device it receives ({template.dtype}, "
+            f"{template.device}), but got {out.dtype} on {out.device}; call "
+            f"topo.recv(out.shape, out.dtype, axis, src, device=out.device, out=out)"
+        )
+    if tuple(out.shape) != tuple(dims):
+        raise TopoValueError(
+            f"topo.recv out requires the shape it receives {tuple(dims)}, but got "
+            f"{tuple(out.shape)}"
+        )
+    if out.requires_grad and torch.is_grad_enabled():
+        raise TopoValueError(
+            "topo.recv out requires a tensor that needs no gradient (recv writes into it, as "
+            "torch's out= arguments do), but out requires grad; drop out= (use the returned "
+            "tensor) or run under torch.no_grad()"
+        )
 
 
 #: recv's allocation per (dtype, device argument): an empty tensor of that dtype on that
