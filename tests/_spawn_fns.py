@@ -531,3 +531,40 @@ def under_default_device(device: str) -> dict[str, Any]:
     return {
         k: (v.tolist(), v.device.type) if isinstance(v, torch.Tensor) else v for k, v in got.items()
     }
+
+
+def recv_into_views() -> dict[str, Any]:
+    """Index 0 sends three tensors; index 1 receives them into ``out=`` tensors that gloo
+    cannot take as they are or that autograd watches: a lazy ``conj()`` view, and a plain
+    buffer that a graph saved before the receive (its backward must refuse the changed data,
+    as after any in-place op)."""
+    c = torch.arange(6, dtype=torch.float32).reshape(2, 3) * (1 + 2j)
+    c = c.to(torch.complex64)
+    if topo.axis_index("pp") == 0:
+        topo.send(c, "pp", dst=1)
+        topo.send(torch.full((3,), 7.0), "pp", dst=1)
+        topo.send(torch.full((3,), 8.0), "pp", dst=1)
+        return {}
+    base = torch.zeros(2, 3, dtype=torch.complex64)
+    conj_view = base.conj()
+    got = topo.recv((2, 3), torch.complex64, "pp", src=0, out=conj_view)
+    buf = torch.zeros(3)
+    version = buf._version
+    topo.recv((3,), torch.float32, "pp", src=0, out=buf)
+    bumped = buf._version > version
+    w = torch.ones(3, requires_grad=True)
+    loss = (buf * w).sum()  # saves buf (7s) for w's gradient
+    topo.recv((3,), torch.float32, "pp", src=0, out=buf)  # the next micro-batch (8s)
+    try:
+        loss.backward()
+        refused = False
+    except RuntimeError as error:
+        refused = "inplace operation" in str(error)
+    return {
+        "conj is out": got is conj_view,
+        "conj value": got.resolve_conj().tolist() == c.tolist(),
+        "base": base.tolist() == c.conj().tolist(),
+        "version bumped": bumped,
+        "buf": buf.tolist(),
+        "backward refused": refused,
+    }

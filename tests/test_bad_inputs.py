@@ -46,6 +46,11 @@ def _quantized() -> torch.Tensor:
     return torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
 
 
+def _inference_zeros(n: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.zeros(n)
+
+
 def _activate(mesh: DeviceMesh, world: World | None = None, **kwargs: Any) -> None:
     with mesh.activate(world or World(rank=0, world_size=mesh.size, master_port=0), **kwargs):
         pass
@@ -139,6 +144,8 @@ COLLECTIVES: list[tuple[str, Callable[[], object], type[BaseException], str]] = 
     ("recv out dtype", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(2, dtype=torch.float64)), TopoType, "dtype and device it receives"),
     ("recv out shape", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(3)), TopoValue, "shape it receives (2,)"),
     ("recv out grad", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(2, requires_grad=True)), TopoValue, "needs no gradient"),
+    ("recv out expanded", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=torch.zeros(1).expand(2)), TopoValue, "share memory"),
+    ("recv out inference", lambda: topo.recv((2,), torch.float32, "tp", src=0, out=_inference_zeros(2)), TopoValue, "inference_mode"),
     ("function object", lambda: topo.broadcast_object(lambda: 0, "tp"), TopoType, "allow_pickle=True"),
     (
         "unpicklable gather",

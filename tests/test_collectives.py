@@ -449,6 +449,22 @@ def test_gathers_off_dim_0_move_every_dtype_bit_exact(dtype: torch.dtype) -> Non
         ), rank
 
 
+def test_recv_into_a_conj_view_and_under_autograd(spawn_timeout: int) -> None:
+    """gloo would move a ``conj()`` view's raw bytes (or refuse it after the sender has gone
+    ahead); recv fills it through a copy. A receive straight into a buffer bumps its version,
+    so a graph that saved the buffer refuses its changed data at backward."""
+    reports = topo.spawn(fns.recv_into_views, DeviceMesh(pp=2), timeout=spawn_timeout)
+    assert reports[0] == {}
+    assert reports[1] == {
+        "conj is out": True,
+        "conj value": True,
+        "base": True,
+        "version bumped": True,
+        "buf": [8.0, 8.0, 8.0],
+        "backward refused": True,
+    }
+
+
 def test_cpu_collectives_inside_a_default_device_context(spawn_timeout: int) -> None:
     # Model code often runs under `with torch.device("meta"):` (deferred init) or
     # torch.set_default_device; topo's CPU (gloo) outputs and object payloads stay on the CPU.

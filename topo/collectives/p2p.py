@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from topo._checks import as_bool, as_int
 from topo.active import _ACTIVE, find_context
@@ -108,8 +109,10 @@ def recv(
     if out is not None:
         _check_recv_out(out, dims, template)
     comm = _pair_route(axis, src, "recv", "src", kind)
-    if out is not None and out.is_contiguous():  # the bytes land in out itself
+    if out is not None and _plain(out):  # the bytes land in out itself
         comm.exchange([], [(1 - comm.index, out)])
+        if not out.is_inference():  # (an inference tensor has no version to bump)
+            increment_version(out)  # written in place, as by an in-place op: autograd sees it
         return out
     pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
     buffer: torch.Tensor
@@ -118,7 +121,19 @@ def recv(
     else:  # sizes as separate ints: torch parses them faster than a tuple
         buffer = template.new_empty(*dims) if dims else template.new_empty(())
     comm.exchange([], [(1 - comm.index, buffer)])
-    return buffer if out is None else out.copy_(buffer)  # a strided out: through a copy
+    return buffer if out is None else out.copy_(buffer)  # any other out: through a copy
+
+
+def _plain(out: torch.Tensor) -> bool:
+    """Whether recv may let the backend write the received bytes straight into ``out``: a
+    plain, contiguous tensor without a conjugate or negative bit. Any other (strided, a lazy
+    ``conj()`` view, a subclass such as DTensor) is filled through ``copy_``, which knows how."""
+    return (
+        (type(out) is torch.Tensor or type(out) is torch.nn.Parameter)
+        and out.is_contiguous()
+        and not out.is_conj()
+        and not out.is_neg()
+    )
 
 
 def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) -> None:
@@ -144,6 +159,18 @@ def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) ->
             "topo.recv out requires a tensor that needs no gradient (recv writes into it, as "
             "torch's out= arguments do), but out requires grad; drop out= (use the returned "
             "tensor) or run under torch.no_grad()"
+        )
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise TopoValueError(
+            "topo.recv out requires a tensor it may write here, but out was made under "
+            "torch.inference_mode() and this call is outside it (torch forbids that in-place "
+            "write); receive inside inference_mode, or into a tensor made outside it"
+        )
+    if torch._debug_has_internal_overlap(out) == 1:  # 1: MemOverlap::Yes
+        raise TopoValueError(
+            f"topo.recv out requires a tensor whose elements have memory of their own, but "
+            f"out's elements share memory (strides {out.stride()}: an expanded view?); "
+            f"allocate it with torch.empty({tuple(dims)}, ...)"
         )
 
 
