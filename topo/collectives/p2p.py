@@ -106,13 +106,11 @@ def recv(
     except (KeyError, TypeError):
         template, kind = _template(dtype, device)
     dims = _dims(shape)
-    if out is not None:
-        _check_recv_out(out, dims, template)
+    direct = out is not None and _check_recv_out(out, dims, template)
     comm = _pair_route(axis, src, "recv", "src", kind)
-    if out is not None and _plain(out):  # the bytes land in out itself
+    if out is not None and direct:  # the bytes land in out itself
         comm.exchange([], [(1 - comm.index, out)])
-        if not out.is_inference():  # (an inference tensor has no version to bump)
-            increment_version(out)  # written in place, as by an in-place op: autograd sees it
+        increment_version(out)  # written in place, as by an in-place op: autograd sees it
         return out
     pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
     buffer: torch.Tensor
@@ -124,21 +122,18 @@ def recv(
     return buffer if out is None else out.copy_(buffer)  # any other out: through a copy
 
 
-def _plain(out: torch.Tensor) -> bool:
-    """Whether recv may let the backend write the received bytes straight into ``out``: a
-    plain, contiguous tensor without a conjugate or negative bit. Any other (strided, a lazy
-    ``conj()`` view, a subclass such as DTensor) is filled through ``copy_``, which knows how."""
-    return (
-        (type(out) is torch.Tensor or type(out) is torch.nn.Parameter)
-        and out.is_contiguous()
-        and not out.is_conj()
-        and not out.is_neg()
-    )
+#: The tensor types recv lets a backend write into directly (a subclass such as DTensor is
+#: filled through its own ``copy_``).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) -> None:
-    """recv's ``out``: a tensor of the received shape, ``dtype`` and device that needs no
-    gradient; else a TypeError/ValueError naming what was required and got."""
+def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) -> bool:
+    """Check recv's ``out``: a tensor of the received shape, ``dtype`` and device that needs
+    no gradient, may be written here and has no two elements in one place; else a
+    TypeError/ValueError naming what was required and got. Returns whether the received
+    bytes may land in ``out`` directly: a plain contiguous tensor without a conjugate or
+    negative bit, outside inference mode. Any other (strided, a lazy ``conj()`` view, a
+    subclass) is filled through ``copy_``, which knows how."""
     if not isinstance(out, torch.Tensor):
         raise TopoTypeError(
             f"topo.recv out requires a torch.Tensor (or None), but got {type(out).__name__}"
@@ -149,7 +144,7 @@ def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) ->
             f"{template.device}), but got {out.dtype} on {out.device}; call "
             f"topo.recv(out.shape, out.dtype, axis, src, device=out.device, out=out)"
         )
-    if tuple(out.shape) != tuple(dims):
+    if out.shape != dims and tuple(out.shape) != tuple(dims):  # dims: a tuple or a Size
         raise TopoValueError(
             f"topo.recv out requires the shape it receives {tuple(dims)}, but got "
             f"{tuple(out.shape)}"
@@ -160,18 +155,23 @@ def _check_recv_out(out: object, dims: Sequence[int], template: torch.Tensor) ->
             "torch's out= arguments do), but out requires grad; drop out= (use the returned "
             "tensor) or run under torch.no_grad()"
         )
-    if out.is_inference() and not torch.is_inference_mode_enabled():
-        raise TopoValueError(
-            "topo.recv out requires a tensor it may write here, but out was made under "
-            "torch.inference_mode() and this call is outside it (torch forbids that in-place "
-            "write); receive inside inference_mode, or into a tensor made outside it"
-        )
-    if torch._debug_has_internal_overlap(out) == 1:  # 1: MemOverlap::Yes
+    contiguous = out.is_contiguous()  # (a contiguous tensor has no overlapping elements)
+    if not contiguous and torch._debug_has_internal_overlap(out) == 1:  # MemOverlap::Yes
         raise TopoValueError(
             f"topo.recv out requires a tensor whose elements have memory of their own, but "
             f"out's elements share memory (strides {out.stride()}: an expanded view?); "
             f"allocate it with torch.empty({tuple(dims)}, ...)"
         )
+    if out.is_inference():  # no version counter: through copy_, which torch checks
+        if not torch.is_inference_mode_enabled():
+            raise TopoValueError(
+                "topo.recv out requires a tensor it may write here, but out was made under "
+                "torch.inference_mode() and this call is outside it (torch forbids that "
+                "in-place write); receive inside inference_mode, or into a tensor made "
+                "outside it"
+            )
+        return False
+    return contiguous and type(out) in _PLAIN_TYPES and not (out.is_conj() or out.is_neg())
 
 
 #: recv's allocation per (dtype, device argument): an empty tensor of that dtype on that
