@@ -79,6 +79,16 @@ def test_special_floats_bytes_kinds_and_views() -> None:
     assert not decode(encode(grad, "t"), "t").requires_grad  # detached
 
 
+def test_lazy_views_and_a_strided_element_travel_as_their_values() -> None:
+    # a conj() view's memory holds the unconjugated values, the .imag of one its values
+    # negated; a one-element tensor counts as contiguous with any stride
+    z = torch.tensor([1 + 2j, 3 - 4j])
+    value = [z.conj(), z[:1].conj().imag, torch.arange(6.0)[::2][:1]]
+    back = decode(encode(value, "t"), "t")
+    assert back[0].tolist() == [1 - 2j, 3 + 4j] and not back[0].is_conj()
+    assert back[1].tolist() == [-2.0] and back[2].tolist() == [0.0]
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

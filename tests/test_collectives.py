@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import _lazy_view_fns as lazy
 import _spawn_fns as fns
 import pytest
 import torch
@@ -463,6 +464,56 @@ def test_recv_into_a_conj_view_and_under_autograd(spawn_timeout: int) -> None:
         "buf": [8.0, 8.0, 8.0],
         "backward refused": True,
     }
+
+
+def _lazy_view_expectations(me: int) -> dict[str, Any]:
+    """What index ``me`` of 2 must read back from :func:`lazy.lazy_views`, computed from both
+    ranks' plain inputs."""
+    z = [lazy.complex_input(r) for r in range(2)]
+    c = [t.conj().resolve_conj() for t in z]
+    expected: dict[str, Any] = {
+        "all_gather": torch.cat(c),
+        "all_gather dim 1": torch.cat([t.reshape(2, 2) for t in c], 1),
+        "all_gather out=": torch.cat(z),
+        "broadcast": c[1],
+        "broadcast out=": z[0],
+        "broadcast in place": c[1],
+        "all_to_all": torch.cat([t.chunk(2)[me] for t in c]),
+        "all_gatherv": torch.cat([c[0][:1], c[1][:2]]),
+        "ppermute": c[1 - me],
+        "shift": c[1 - me],
+        "scatter": c[1].chunk(2)[me],
+        "gather": torch.cat(c) if me == 0 else None,
+        "all_reduce sum": torch.tensor([-7.0]),
+        "all_reduce max": torch.tensor([-3.0]),
+        "all_reduce prod in place": torch.tensor([12.0]),
+        "all_reduce out=": torch.tensor([3.0]),
+        "reduce_scatter out=": torch.tensor([3.0 + 2 * me]),
+        "reduce_scatter": torch.tensor([-3.0 - 2 * me]),
+        "tensor_dict c": c[1],
+        "tensor_dict n": torch.tensor([-4.0]),
+        "tensor_dict strided": torch.tensor([0.0]),
+        "broadcast_object": c[0],
+        # every rank's loss sums |w_r|^2 over both ranks: torch's gradient of |w|^2 is 2w
+        "gradient": 2 * 2 * z[me],
+    }
+    if me == 1:
+        expected["send/recv"] = c[0]
+    return {k: None if v is None else v.tolist() for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("runner", ["gloo", "simulate"])
+def test_lazy_conj_and_negative_views_move_their_values(runner: str, spawn_timeout: int) -> None:
+    """A ``conj()`` view's memory holds the unconjugated values, the ``.imag`` of one its values
+    negated: as inputs, every collective moves what they read; as ``out=``, each reads the
+    result back. gloo moved the raw memory, refused a complex view after the peer had gone
+    ahead (a hang), or, for a negative view, reduced the negated values (max became min)."""
+    if runner == "gloo":
+        reports = topo.spawn(lazy.lazy_views, DeviceMesh(tp=2), timeout=spawn_timeout)
+    else:
+        reports = topo.simulate(DeviceMesh(tp=2), lazy.lazy_views)
+    for me, got in enumerate(reports):
+        assert got == _lazy_view_expectations(me), me
 
 
 def test_cpu_collectives_inside_a_default_device_context(spawn_timeout: int) -> None:

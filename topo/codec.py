@@ -194,8 +194,11 @@ class _Encoder:
             raise self._refuse(x, path, f" that is not dense ({x.layout})")
         if x.device.type not in ("cpu", "cuda"):
             raise self._refuse(x, path, f" on {x.device} (only CPU and CUDA tensors travel)")
-        flat = x.detach().to("cpu").contiguous().reshape(-1)
-        raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        # a lazy conj()/neg view is resolved first: its memory does not hold its values
+        flat = x.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+        # through a trailing dim of 1: a one-element tensor counts as contiguous with any
+        # stride, and view(uint8) requires the last stride to be 1
+        raw = flat.unsqueeze(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
         dtype = str(x.dtype).removeprefix("torch.")
         return {"t": [dtype, list(x.shape), str(x.device), *self._bytes(raw)]}
 

@@ -36,6 +36,7 @@ from torch.distributed import distributed_c10d as c10d
 
 import topo._dist as dist
 from topo.active import current, find_context
+from topo.communicators.base import plain
 from topo.communicators.gloo import GlooCommunicator
 from topo.context import MeshContext
 from topo.errors import BackendUnavailableError, NoActiveMeshError, TopoTypeError, TopoValueError
@@ -437,7 +438,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         op = _reduce_op(opts)
         for t in tensors:
-            t.copy_(self._comm(t).all_reduce(t.contiguous(), op))
+            t.copy_(self._comm(t).all_reduce(plain(t), op))
         return _done(tensors)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
@@ -447,20 +448,20 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         src = int(getattr(opts, "rootRank", 0))
         for t in tensors:
-            t.copy_(self._comm(t).broadcast(t.contiguous(), src))
+            t.copy_(self._comm(t).broadcast(plain(t), src))
         return _done(tensors)
 
     def allgather(
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
     ) -> Any:
         for outs, x in zip(outputs, inputs, strict=True):
-            gathered = self._comm(x).all_gather(x.contiguous())
+            gathered = self._comm(x).all_gather(plain(x))
             for out, chunk in zip(outs, gathered.unbind(0), strict=True):
                 out.copy_(chunk)
         return _done(outputs)
 
     def _allgather_base(self, output: torch.Tensor, x: torch.Tensor, opts: Any = None) -> Any:
-        output.copy_(self._comm(x).all_gather(x.contiguous()).reshape(output.shape))
+        output.copy_(self._comm(x).all_gather(plain(x)).reshape(output.shape))
         return _done([output])
 
     all_gather_single = _allgather_base
@@ -489,7 +490,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def _reduce_scatter_base(
         self, output: torch.Tensor, x: torch.Tensor, opts: Any = None
     ) -> Any:
-        stacked = x.contiguous().reshape(self.size(), *output.shape)
+        stacked = plain(x).reshape(self.size(), *output.shape)
         output.copy_(self._comm(x).reduce_scatter(stacked, _reduce_op(opts)))
         return _done([output])
 
@@ -509,7 +510,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
         """An all-reduce of which only the root keeps the result (others' tensors unchanged)."""
         op, dst = _reduce_op(opts), int(getattr(opts, "rootRank", 0))
         for t in tensors:
-            reduced = self._comm(t).all_reduce(t.contiguous(), op)
+            reduced = self._comm(t).all_reduce(plain(t), op)
             if self.rank() == dst:
                 t.copy_(reduced)
         return _done(tensors)
@@ -519,7 +520,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
     ) -> Any:
         dst = int(getattr(opts, "rootRank", 0))
         for index, x in enumerate(inputs):
-            gathered = self._comm(x).gather(x.contiguous(), dst)
+            gathered = self._comm(x).gather(plain(x), dst)
             if gathered is not None:
                 for out, chunk in zip(outputs[index], gathered.unbind(0), strict=True):
                     out.copy_(chunk)
@@ -551,7 +552,7 @@ class TopoProcessGroup(_ProcessGroup):  # type: ignore[misc]
                     f"a topo ProcessGroup's all_to_all_single requires equal splits (or none), "
                     f"but got {list(splits)}; pad to equal sizes or use a gloo group"
                 )
-        received = self._comm(x).all_to_all(x.contiguous().reshape(n, -1))
+        received = self._comm(x).all_to_all(plain(x).reshape(n, -1))
         output.copy_(received.reshape(output.shape))
         return _done([output])
 

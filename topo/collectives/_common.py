@@ -9,7 +9,7 @@ import torch
 
 from topo._checks import as_int
 from topo.active import _ACTIVE, find_context
-from topo.communicators.base import REDUCE_OPS, ReduceOp
+from topo.communicators.base import REDUCE_OPS, ReduceOp, plain
 from topo.communicators.dtypes import dtype_names
 from topo.communicators.registry import (
     DEFAULT_BACKENDS,
@@ -78,8 +78,9 @@ def route(
     """The communicator a plain collective on ``x`` along ``axis`` runs on and the group size
     ``n`` (the communicator is ``None`` for a group of one), or ``None`` when ``x`` must take
     the collective's custom op instead (:func:`topo.ops._library.needs_op`: it requires grad
-    with grad mode on, or torch.compile is tracing). ``x``, ``axis`` and ``op`` are checked as
-    :func:`locate` checks them.
+    with grad mode on, torch.compile is tracing, or ``x`` has a lazy conjugate or negative
+    bit, which the op path resolves). ``x``, ``axis`` and ``op`` are checked as :func:`locate`
+    checks them.
 
     The plain collectives' first step, and their hot path: after the first call with an axis
     and device type (and for a reduction, dtype and op) in the innermost activation, the
@@ -97,7 +98,8 @@ def route(
     if (
         type(x) is _TENSOR and x.layout is _STRIDED and not x.is_nested and not x.is_quantized
     ):
-        if (x.requires_grad and _grad_enabled()) or _is_compiling():
+        # _is_compiling() before the bits: dynamo cannot trace is_conj() (a bool, not a tensor)
+        if (x.requires_grad and _grad_enabled()) or _is_compiling() or x.is_conj() or x.is_neg():
             return None
         device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else None
         try:
@@ -271,7 +273,8 @@ def check_peer(
 
 
 def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object) -> torch.Tensor:
-    """Split ``x`` into ``n`` equal chunks along ``dim``, stacked on a new contiguous dim 0."""
+    """Split ``x`` into ``n`` equal chunks along ``dim``, stacked on a new contiguous dim 0
+    (:func:`plain`: what a communicator takes)."""
     length = x.shape[dim]
     if length % n:
         raise TopoValueError(
@@ -279,7 +282,7 @@ def stack_chunks(x: torch.Tensor, dim: int, n: int, operation: str, axis: object
             f"{axis!r}, but got x.shape[{dim}] = {length}; pad or choose another dim"
         )
     shape = (*x.shape[:dim], n, length // n, *x.shape[dim + 1 :])
-    return x.reshape(shape).movedim(dim, 0).contiguous()
+    return plain(x.reshape(shape).movedim(dim, 0))
 
 
 #: The dtypes ``torch.cat`` has kernels for on every device (it has none for some newer ones,
@@ -329,7 +332,10 @@ def into_same_shape(
     if comm is None:
         return target if target is x else target.copy_(x)
     into = getattr(comm, _INTO[operation], None)
-    if into is not None and target.is_contiguous() and (in_place or x.is_contiguous()):
+    # x has no lazy bit here (route sent such an x down the op path); out= may have one
+    if into is not None and x.is_contiguous() and (
+        in_place or (target.is_contiguous() and not (target.is_conj() or target.is_neg()))
+    ):  # target has no lazy bit
         return into(x, arg, target)  # type: ignore[no-any-return]
     return target.copy_(getattr(comm, operation)(x.contiguous(), arg))
 

@@ -50,7 +50,11 @@ def all_gather(
         if comm is None:  # a group of one
             return out.copy_(x)
         into = getattr(comm, "all_gather_into", None)
-        if into is not None and d == 0 and out.is_contiguous():
+        # a lazy conj/neg out takes the result through copy_ (its memory is not its values)
+        if (
+            into is not None and d == 0 and out.is_contiguous()
+            and not (out.is_conj() or out.is_neg())
+        ):  # fmt: skip
             return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
         stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out
         return concat_chunks(stacked, d, out)

@@ -16,7 +16,7 @@ from topo.collectives._common import (
     device_type,
     remember,
 )
-from topo.communicators.base import Communicator
+from topo.communicators.base import Communicator, plain
 from topo.context import MeshContext
 from topo.errors import BackendUnavailableError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
@@ -76,7 +76,7 @@ def send(x: torch.Tensor, axis: Axis, dst: int) -> None:
                 topo.send(activations, axis="pp", dst=1)
     """
     comm = _pair_route(axis, dst, "send", "dst", device_type(x, "send"))
-    comm.exchange([(1 - comm.index, x.contiguous())], [])
+    comm.exchange([(1 - comm.index, plain(x))], [])
 
 
 def recv(
@@ -341,7 +341,7 @@ def _move(
     if dst == me and src == me:
         return x.clone(memory_format=torch.contiguous_format)
     out = torch.zeros_like(x, memory_format=torch.contiguous_format)
-    sends = [] if dst is None else [(dst, x.contiguous())]
+    sends = [] if dst is None else [(dst, plain(x))]
     recvs = [] if src is None else [(src, out)]
     if comm is not None:
         comm.exchange(sends, recvs)

@@ -97,7 +97,8 @@ def reduce_scatter(
         else:
             into = getattr(comm, "reduce_scatter_into", None)
             check_out(out, x, (shape[0] // n, *shape[1:]), "reduce_scatter")
-            if into is not None and out.is_contiguous():
+            # a lazy conj/neg out takes the result through copy_ (its memory is not its values)
+            if into is not None and out.is_contiguous() and not (out.is_conj() or out.is_neg()):
                 return into(flat, op, out)  # type: ignore[no-any-return]
     stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
     if out is not None:

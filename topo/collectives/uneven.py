@@ -30,7 +30,7 @@ from topo._checks import as_int
 from topo.active import find_context
 from topo.collectives._common import check_dim, check_reduce, device_type, locate, route
 from topo.communicators.alltoallv import all_to_allv_dim0
-from topo.communicators.base import Communicator, ReduceOp
+from topo.communicators.base import Communicator, ReduceOp, plain
 from topo.errors import CollectiveMismatchError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
 from topo.ops._library import _is_compiling, call, group_of, needs_op
@@ -365,7 +365,7 @@ def gatherv(
     rest = tuple(rows.shape[1:])
     if method == "p2p":
         me = comm.index
-        mine = rows if rows.is_contiguous() else rows.contiguous()
+        mine = plain(rows)
         out = rows.new_empty((total, *rest))
         sends, recvs, start = [], [], 0
         for i, count in enumerate(sizes):
@@ -387,7 +387,7 @@ def gatherv(
         for i, count in enumerate(sizes):
             if count == 0:
                 continue
-            part = rows.contiguous() if i == comm.index else rows.new_empty((count, *rest))
+            part = plain(rows) if i == comm.index else rows.new_empty((count, *rest))
             parts.append(comm.broadcast(part, i))
         out = torch.cat(parts) if parts else rows.new_empty((0, *rest))
     else:
@@ -432,6 +432,6 @@ def alltoallv(
     """
     rows = x if dim == 0 else x.movedim(dim, 0)
     out = all_to_allv_dim0(
-        comm, rows if rows.is_contiguous() else rows.contiguous(), send_sizes, recv_sizes
+        comm, plain(rows), send_sizes, recv_sizes
     )
     return out if dim == 0 else out.movedim(0, dim).contiguous()

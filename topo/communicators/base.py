@@ -1,9 +1,9 @@
 """The communicator protocol: one object per (group, device kind), device-neutral.
 
-A communicator moves dense, contiguous tensors among the ranks of one group. The collectives
-layer resolves the axis, validates arguments, makes inputs contiguous and lays chunks along
-dimension 0 before it calls a communicator, so an implementation only sees the simple forms
-below. Every method is out-of-place: it never writes into its input and returns new tensors.
+A communicator moves dense, contiguous tensors among the ranks of one group, and their memory
+holds their values: no lazy conjugate or negative bit (:func:`plain`). The collectives layer
+resolves the axis, validates arguments, makes inputs plain and lays chunks along dimension 0
+before it calls a communicator, so an implementation only sees the simple forms below. Every method is out-of-place: it never writes into its input and returns new tensors.
 A vendor adds a device kind by implementing this protocol (see ``gloo.py`` and ``nccl.py``).
 
 A communicator may also serve the collectives' fast paths, which they look up with
@@ -35,10 +35,29 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["REDUCE_OPS", "Communicator", "ReduceOp"]
+__all__ = ["REDUCE_OPS", "Communicator", "ReduceOp", "plain"]
 
 ReduceOp = Literal["sum", "avg", "max", "min", "prod"]
 REDUCE_OPS: tuple[ReduceOp, ...] = ("sum", "avg", "max", "min", "prod")
+
+
+def plain(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a communicator takes it: contiguous, without a lazy conjugate or negative bit.
+
+    A backend moves a tensor's memory. A ``conj()`` view's memory holds the unconjugated
+    values (and the ``.imag`` of one holds the values negated), so those bits are resolved
+    first. ``x`` itself where it is plain already (the common case: two bit checks, no copy);
+    otherwise one copy, which ``contiguous()`` makes with both bits resolved.
+
+    Example::
+
+        comm.all_gather(plain(z.conj()))   # moves conj(z)'s values, not z's
+    """
+    if x.is_contiguous():
+        if x.is_conj() or x.is_neg():
+            return x.resolve_conj().resolve_neg()
+        return x
+    return x.contiguous()
 
 
 @runtime_checkable
@@ -46,8 +65,9 @@ class Communicator(Protocol):
     """What topo needs from a device's communication library, for one group.
 
     ``ranks`` are the group's global ranks in axis-index order; ``index`` is this process's
-    position in them. ``x`` is always contiguous; a "stacked" tensor has the group size as
-    its first dimension (chunk ``i`` belongs to, or came from, index ``i``).
+    position in them. ``x`` is always :func:`plain` (contiguous, its memory holds its values);
+    a "stacked" tensor has the group size as its first dimension (chunk ``i`` belongs to, or
+    came from, index ``i``).
 
     Example::
 

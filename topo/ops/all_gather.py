@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import concat_chunks
+from topo.communicators.base import plain
 from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
@@ -20,7 +21,7 @@ def all_gather(x: torch.Tensor, group: str, n: int, dim: int) -> torch.Tensor:
     comm, _ = live(group, n, x.device.type, "all_gather")
     if comm is None:
         return x.clone(memory_format=torch.contiguous_format)
-    return concat_chunks(comm.all_gather(x.contiguous()), dim)
+    return concat_chunks(comm.all_gather(plain(x)), dim)
 
 
 @all_gather.register_fake  # type: ignore[untyped-decorator]

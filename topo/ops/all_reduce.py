@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from topo.communicators.base import plain
 from topo.ops._library import define, live, mark_side_effects, register_autograd
 from topo.ops.no_grad import reduce_op_backward
 
@@ -21,7 +22,7 @@ def all_reduce(x: torch.Tensor, group: str, n: int, op: str) -> torch.Tensor:
     comm, _ = live(group, n, x.device.type, "all_reduce")
     if comm is None:
         return x.clone(memory_format=torch.contiguous_format)
-    return comm.all_reduce(x.contiguous(), op)  # type: ignore[arg-type]
+    return comm.all_reduce(plain(x), op)  # type: ignore[arg-type]
 
 
 @all_reduce.register_fake  # type: ignore[untyped-decorator]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from topo.communicators.base import plain
 from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
@@ -21,7 +22,7 @@ def broadcast(x: torch.Tensor, group: str, n: int, src: int) -> torch.Tensor:
     comm, _ = live(group, n, x.device.type, "broadcast")
     if comm is None:
         return x.clone(memory_format=torch.contiguous_format)
-    return comm.broadcast(x.contiguous(), src)
+    return comm.broadcast(plain(x), src)
 
 
 @define("reduce", "(Tensor x, str group, int n, int dst) -> Tensor")
@@ -29,7 +30,7 @@ def reduce(x: torch.Tensor, group: str, n: int, dst: int) -> torch.Tensor:
     comm, index = live(group, n, x.device.type, "reduce")
     if comm is None:
         return x.clone(memory_format=torch.contiguous_format)
-    y = comm.all_reduce(x.contiguous(), "sum")
+    y = comm.all_reduce(plain(x), "sum")
     return y if index == dst else y.zero_()
 
 

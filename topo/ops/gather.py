@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from topo.collectives._common import concat_chunks
+from topo.communicators.base import plain
 from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
@@ -27,7 +28,7 @@ def gather(x: torch.Tensor, group: str, n: int, dst: int, dim: int) -> torch.Ten
     comm, _ = live(group, n, x.device.type, "gather")
     if comm is None:
         return x.clone(memory_format=torch.contiguous_format)
-    stacked = comm.gather(x.contiguous(), dst)
+    stacked = comm.gather(plain(x), dst)
     if stacked is None:
         shape = list(x.shape)
         shape[dim] *= n

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from topo.communicators.base import plain
 from topo.ops._library import define, live, mark_side_effects, register_autograd
 
 __all__: list[str] = []
@@ -26,7 +27,7 @@ def ppermute(x: torch.Tensor, group: str, n: int, perm: list[int]) -> torch.Tens
         return x.clone(memory_format=torch.contiguous_format)
     out = torch.zeros_like(x, memory_format=torch.contiguous_format)
     if comm is not None:
-        sends = [] if dst is None else [(dst, x.contiguous())]
+        sends = [] if dst is None else [(dst, plain(x))]
         recvs = [] if src is None else [(src, out)]
         comm.exchange(sends, recvs)
     return out

@@ -28,7 +28,7 @@ import torch
 from topo._checks import as_bool, as_int
 from topo.active import find_context
 from topo.collectives._common import check_index
-from topo.communicators.base import Communicator
+from topo.communicators.base import Communicator, plain
 from topo.context import MeshContext
 from topo.errors import CollectiveMismatchError, TopoError, TopoTypeError, TopoValueError
 from topo.mesh import Axis
@@ -264,7 +264,7 @@ def _send_cpu(
             if ahead:
                 pending = submit(k + 1)  # overlaps the broadcast below (a different buffer)
             if step.direct is not None:
-                comm.broadcast(tensors[step.direct].contiguous(), root)
+                comm.broadcast(plain(tensors[step.direct]), root)
             else:
                 assert current is not None
                 comm.broadcast(current.result(), root)
@@ -286,7 +286,7 @@ def _send_cuda(
     side.wait_stream(main)  # the tensors' producers
     for k, step in enumerate(steps):
         if step.direct is not None:
-            comm.broadcast(tensors[step.direct].contiguous(), root)
+            comm.broadcast(plain(tensors[step.direct]), root)
             continue
         j = k % count
         with torch.cuda.stream(side):

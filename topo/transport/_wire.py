@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from topo.communicators.base import Communicator
+from topo.communicators.base import Communicator, plain
 from topo.errors import CollectiveMismatchError, TopoTypeError
 
 #: Bytes of the first message (8 of them the length).
@@ -108,11 +108,15 @@ def loads(data: bytes, what: str) -> Any:
 
 
 def byte_view(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes as a flat ``uint8`` view (a 0-d or empty tensor too)."""
+    """A contiguous tensor's bytes as a flat ``uint8`` view (a 0-d or empty tensor too).
+
+    It goes through a trailing dim of 1: a one-element tensor counts as contiguous with any
+    stride (``torch.arange(6.0)[::2][:1]``), and ``view(uint8)`` requires the last stride to
+    be 1."""
     flat = x.reshape(-1)
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device)
-    return flat.view(torch.uint8)
+    return flat.unsqueeze(-1).view(torch.uint8).reshape(-1)
 
 
 def layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
@@ -129,7 +133,7 @@ def pack_into(
 ) -> None:
     """Copy each tensor's bytes into ``buffer`` (``uint8``) at its offset."""
     for t, at in zip(tensors, offsets, strict=True):
-        raw = byte_view(t.contiguous())
+        raw = byte_view(plain(t))
         buffer[at : at + raw.numel()].copy_(raw, non_blocking=True)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from topo.active import find_context
 from topo.collectives._common import check_index, check_peer
+from topo.communicators.base import plain
 from topo.context import MeshContext
 from topo.errors import CollectiveMismatchError, TopoError, TopoValueError
 from topo.mesh import Axis
@@ -103,12 +104,12 @@ def _send_tensors(
             _wire.pack_into(buffer, [tensors[i] for i, _ in p.packed], [o for _, o in p.packed])
             move(kind, buffer)
         for i in p.single:
-            move(kind, tensors[i].contiguous())
+            move(kind, plain(tensors[i]))
         if p.split:
             device = tensors[p.split[0][0]].device
             buffer = torch.empty(p.split_bytes, dtype=torch.uint8, device=device)
             for i, at, part in p.split:
-                raw = _wire.byte_view(tensors[i].contiguous())
+                raw = _wire.byte_view(plain(tensors[i]))
                 buffer[at : at + part].copy_(raw[slot * part : (slot + 1) * part])
             move(kind, buffer)
 
