@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -164,3 +165,20 @@ def test_bad_registrations() -> None:
         comms.unregister("mine")
     with pytest.raises(topo.TopoValueError, match="built-in"):
         comms.unregister("threads")
+
+
+def test_a_group_spec_is_an_immutable_value() -> None:
+    args: dict[str, Any] = {
+        "backend": "gloo", "ranks": (0, 1), "index": 1, "label": "axis 'tp' group (0, 1)",
+        "store": None, "root_store": None, "scope": "s/", "timeout": timedelta(seconds=5),
+        "device": torch.device("cpu"), "world": World(rank=1, world_size=2), "coordinator": None,
+    }  # fmt: skip
+    spec = comms.GroupSpec(**args)
+    assert spec == comms.GroupSpec(**args) and hash(spec) == hash(comms.GroupSpec(**args))
+    assert spec != comms.GroupSpec(**{**args, "index": 0}) and spec != tuple(args.values())
+    assert (spec.backend, spec.ranks, spec.index, spec.coordinator) == ("gloo", (0, 1), 1, None)
+    with pytest.raises(AttributeError, match="immutable: cannot assign to field 'index'"):
+        spec.index = 0  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="immutable: cannot delete field 'label'"):
+        del spec.label  # type: ignore[misc]
+    assert repr(spec).startswith("GroupSpec(backend='gloo', ranks=(0, 1), index=1, label=")
