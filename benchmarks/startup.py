@@ -18,7 +18,7 @@ environment as torchrun would set it), each of which imports torch, then times:
   its end, the mean over ranks: what one rank's start costs a machine whose cores its peers
   share. On a small machine it is much steadier than the wall clock, which swings with the
   order in which the ranks get a core. topo's includes importing its runtime (``topo.context``,
-  ``topo.collectives``, the gloo communicator: about 7.5 ms here), which it loads on first use
+  ``topo.collectives``, the gloo communicator: about 6.6 ms here), which it loads on first use
   so that ``import topo`` stays free of torch; torch's distributed package is imported by
   ``import torch``, before the clock starts.
 
