@@ -17,10 +17,10 @@ environment as torchrun would set it), each of which imports torch, then times:
 - ``CPU per rank``: the CPU time a rank's process (all its threads) spent from its begin to
   its end, the mean over ranks: what one rank's start costs a machine whose cores its peers
   share. On a small machine it is much steadier than the wall clock, which swings with the
-  order in which the ranks get a core. topo's includes importing its runtime (``topo.context``,
-  ``topo.collectives``, the gloo communicator: about 6.6 ms here), which it loads on first use
-  so that ``import topo`` stays free of torch; torch's distributed package is imported by
-  ``import torch``, before the clock starts.
+  order in which the ranks get a core. topo's includes importing its runtime
+  (``topo.context``, the collectives it calls, the gloo communicator: about 5.7 ms here),
+  which it loads on first use so that ``import topo`` stays free of torch; torch's
+  distributed package is imported by ``import torch``, before the clock starts.
 
 Launches alternate which of the two goes first (a warm page cache helps the second); the
 figures are medians over launches, and each side's best launch. torch's start is bimodal on
