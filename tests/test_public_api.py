@@ -89,9 +89,9 @@ def test_a_start_imports_only_what_it_runs(
 ) -> None:
     """Every rank of a job pays its start's imports: an activation and a first collective
     load neither the launcher nor the simulator (``topo.all_reduce`` is found without them),
-    nor the collectives it does not call (nor with them the object codec), nor the ``idna``
-    codec (the store's address goes to ``getaddrinfo`` as bytes), nor ``hmac`` and
-    ``secrets`` without a secret."""
+    nor the collectives it does not call (nor with them the object codec), nor check mode's
+    module, nor the ``idna`` codec (the store's address goes to ``getaddrinfo`` as bytes),
+    nor ``hmac`` and ``secrets`` without a secret."""
     code = (
         "import os, sys, torch, topo\n"
         "os.environ.pop('TOPO_SECRET', None)  # a job without a secret\n"
@@ -101,6 +101,7 @@ def test_a_start_imports_only_what_it_runs(
         "    topo.all_gather(torch.ones(2), 'tp')\n"
         "unwanted = ('topo.launch', 'topo.simulation', 'topo.communicators.threads',\n"
         "            'topo.collectives.uneven', 'topo.collectives.objects', 'topo.codec',\n"
+        "            'topo.communicators.checked',\n"
         "            'encodings.idna', 'stringprep', 'hmac', 'secrets')\n"
         "print(sorted(m for m in unwanted if m in sys.modules))\n"
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -29,25 +29,19 @@ from topo._options import (
     _as_watchdog,
     _torch_default_store,
 )
-from topo.active import (
-    _ACTIVE,
-    register,
-)
+from topo.active import _ACTIVE, register
 from topo.communicators.base import Communicator
-from topo.communicators.checked import CheckChannel, CheckedCommunicator
 from topo.communicators.registry import Backend, GroupSpec, describe, resolve_backends
 from topo.communicators.rollcall import publish_flights
 from topo.coordinator import Coordinator, group_id
-from topo.errors import (
-    CommunicationError,
-    TopoError,
-    TopoTypeError,
-    TopoValueError,
-)
+from topo.errors import CommunicationError, TopoError, TopoTypeError, TopoValueError
 from topo.mesh import Axis, DeviceMesh
 from topo.secret import load_secret, warn_without_secret
 from topo.store import check_store_address
 from topo.world import World
+
+if TYPE_CHECKING:  # check mode's module loads on its first use, not on every start
+    from topo.communicators.checked import CheckChannel
 
 __all__ = ["MeshContext", "activate"]
 
@@ -357,6 +351,8 @@ class MeshContext:
         )
         backend = self.backend(device_type)
         if self.check and not raw:
+            from topo.communicators.checked import CheckedCommunicator
+
             channel = self._check_channel(names, pair)
             if device_type == "cpu":
                 inner = channel.comm
@@ -396,6 +392,8 @@ class MeshContext:
         key = (ranks, pair is not None)
         channel = self._check_channels.get(key)
         if channel is None:
+            from topo.communicators.checked import CheckChannel
+
             axis = names[0] if len(names) == 1 else ",".join(names)
             channel = CheckChannel(lambda: self._create(names, "cpu", pair, True), axis)
             self._check_channels[key] = channel
