@@ -3,7 +3,8 @@
 A communicator moves dense, contiguous tensors among the ranks of one group, and their memory
 holds their values: no lazy conjugate or negative bit (:func:`plain`). The collectives layer
 resolves the axis, validates arguments, makes inputs plain and lays chunks along dimension 0
-before it calls a communicator, so an implementation only sees the simple forms below. Every method is out-of-place: it never writes into its input and returns new tensors.
+before it calls a communicator, so an implementation only sees the simple forms below. Every
+method is out-of-place: it never writes into its input and returns new tensors.
 A vendor adds a device kind by implementing this protocol (see ``gloo.py`` and ``nccl.py``).
 
 A communicator may also serve the collectives' fast paths, which they look up with

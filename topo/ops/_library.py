@@ -36,7 +36,7 @@ def needs_op(x: object) -> bool:
     """Whether a collective on ``x`` must go through its custom op: ``x`` requires grad with
     grad mode on, or torch.compile is tracing, or ``x`` is a lazy ``conj()`` view or the
     ``.imag`` of one (its memory does not hold its values; the op path resolves it, see
-    :func:`topo.collectives._common.plain`). Otherwise the plain path runs, as fast as ever."""
+    :func:`topo.communicators.base.plain`). Otherwise the plain path runs, as fast as ever."""
     if _is_compiling():  # first: dynamo cannot trace is_conj() (a bool, not a tensor)
         return True
     return isinstance(x, torch.Tensor) and (
