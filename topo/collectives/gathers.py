@@ -10,6 +10,7 @@ from topo.collectives._common import (
     check_out,
     concat_chunks,
     device_type,
+    direct_out,
     result_into,
     route,
     stack_chunks,
@@ -44,18 +45,26 @@ def all_gather(
     # check_dim's common case inlined (a non-negative int dim): no call
     d = dim if type(dim) is int and 0 <= dim < len(shape) else check_dim(x, dim, "all_gather")
     if out is not None:
-        sizes = list(shape)
-        sizes[d] *= n
-        check_out(out, x, tuple(sizes), "all_gather")
+        if len(shape) == 1:  # the result's shape, built without a list in the 1-d case
+            expected: tuple[int, ...] = (shape[0] * n,)
+        else:
+            sizes = list(shape)
+            sizes[d] *= n
+            expected = tuple(sizes)
+        if d == 0:  # whether the communicator may write into out (not a lazy conj/neg view)
+            direct = direct_out(out, x, expected, "all_gather")
+        else:  # the chunks are interleaved: concat_chunks copies them into out
+            check_out(out, x, expected, "all_gather")
+            direct = False
         if comm is None:  # a group of one
             return out.copy_(x)
-        into = getattr(comm, "all_gather_into", None)
-        # a lazy conj/neg out takes the result through copy_ (its memory is not its values)
-        if (
-            into is not None and d == 0 and out.is_contiguous()
-            and not (out.is_conj() or out.is_neg())
-        ):  # fmt: skip
-            return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
+        if direct:
+            try:
+                into = comm.all_gather_into  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            else:
+                return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
         stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out
         return concat_chunks(stacked, d, out)
     if comm is None:
