@@ -19,7 +19,7 @@ import topo._dist as dist
 from topo.communicators.base import ReduceOp
 from topo.communicators.buffers import BufferPool
 from topo.communicators.dtypes import GLOO_REDUCE_DTYPES, TORCH_REDUCE_OPS
-from topo.communicators.handoff import HandedTensors, use_count
+from topo.communicators.handoff import HandedTensors
 from topo.communicators.recorder import FlightRecorder
 from topo.communicators.rollcall import RollCall
 from topo.errors import CommunicationError, CommunicationTimeout, TopoError, TopoValueError
@@ -186,7 +186,7 @@ class GlooCommunicator:
             self._run_one("broadcast", y, pg.broadcast, options)
         """
         self.flight.record(operation, y.shape, y.dtype)
-        before = use_count(y)
+        before = y._use_count()  # type: ignore[attr-defined]  # handoff.use_count, inlined
         try:
             start([y], options).wait()
         except RuntimeError as error:
@@ -250,7 +250,8 @@ class GlooCommunicator:
     def broadcast_into(self, x: torch.Tensor, src: int, out: torch.Tensor) -> torch.Tensor:
         """:meth:`broadcast` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
         ``x`` itself): no allocation, gloo moves the caller's memory."""
-        options = self._root(src)
+        # _root's check inlined where it passes (a negative src would index from the end)
+        options = self._broadcast_options[src] if 0 <= src < self.size else self._root(src)
         if self.index == src and out is not x:
             out.copy_(x)
         pg = self._pg if self._pg is not None else self.pg  # closed: raises, nothing recorded
@@ -349,7 +350,7 @@ class GlooCommunicator:
     def _one_way(self, pg: Any, peer: int, tensor: torch.Tensor, send: bool) -> None:
         """:meth:`exchange` of one tensor: one send or one receive, no lists."""
         t = _as_bytes(tensor)
-        before = use_count(t)
+        before = t._use_count()  # type: ignore[attr-defined]  # handoff.use_count, inlined
         try:
             work = pg.send([t], peer, 0) if send else pg.recv([t], peer, 0)
             work.wait()

@@ -97,7 +97,7 @@ class HandedTensors:
         """
         if self._held:
             self.sweep()
-        if use_count(tensor) > before:
+        if tensor._use_count() > before:  # type: ignore[attr-defined]  # use_count, inlined
             self._hold(tensor, before)
 
     def _hold(self, tensor: torch.Tensor, before: int) -> None:
