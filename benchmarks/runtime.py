@@ -11,7 +11,8 @@
 5. every collective on gloo (4 ranks, 4 B and 64 MiB per rank): topo allocating, topo with
    ``out=``, the raw call on the same process group and torch.distributed's function on it
    (``--gloo`` runs only this; ``--rounds N``: 4 B calls of each, interleaved call by call,
-   default 600; ``--reps N``: 64 MiB calls of each, default 7).
+   default 600; ``--reps N``: 64 MiB calls of each, default 12: whole balanced orders for
+   3 and 4 implementations).
 
 Run: ``python benchmarks/runtime.py`` (a few minutes on 2 cores); ``--small`` runs only
 section 1 (under a minute). topo and raw calls are interleaved in blocks (in section 5 at
@@ -27,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -407,14 +409,39 @@ def _calls_interleaved(calls: dict[str, Any], rounds: int) -> dict[str, list[flo
     return times
 
 
+def balanced_orders(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """Orders of ``names`` (a Williams design) in which each name takes each position equally
+    often and follows each other name equally often: ``n`` orders for an even ``n``, ``2n``
+    for an odd one. A large call leaves the machine changed for the next (freed memory, cold
+    caches), so a comparison of a few reps must not let one implementation always follow the
+    same other, nor let one go first more often (the first ``reps`` of all permutations do).
+
+    Example::
+
+        balanced_orders("abcd")   # [('a','b','d','c'), ('b','c','a','d'), ('c','d','b','a'), ...]
+    """
+    n = len(names)
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(i + shift) % n for i in first] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [tuple(names[i] for i in row) for row in rows]
+
+
 def _calls_alternating(calls: dict[str, Any], reps: int, pg: Any) -> dict[str, list[float]]:
-    """Each implementation's call times over ``reps`` calls of each, in alternating order, each
-    call started together (a barrier before it)."""
+    """Each implementation's call times over ``reps`` calls of each, in balanced orders
+    (:func:`balanced_orders`), each call started together (a barrier before it)."""
     import topo._dist as dist
 
     barrier = dist.BarrierOptions()
     times: dict[str, list[float]] = {k: [] for k in calls}
-    orders = list(itertools.permutations(calls))
+    orders = balanced_orders(list(calls))
     for rep in range(reps):
         for which in orders[rep % len(orders)]:
             fn = calls[which]
@@ -536,7 +563,7 @@ def main() -> None:
     )
     if "--gloo" in sys.argv[1:]:
         print("\n## 5. every collective on gloo: topo vs the raw call on the same process group")
-        gloo_table_report(rounds=_option("--rounds", 600), reps=_option("--reps", 7))
+        gloo_table_report(rounds=_option("--rounds", 600), reps=_option("--reps", 12))
         return
     print("\n## 1. all_reduce of a 4-byte CPU tensor: host time per call (median over blocks)")
     small_all_reduce_report()
@@ -581,7 +608,7 @@ def main() -> None:
     print(" group, not the world)")
 
     print("\n## 5. every collective on gloo: topo vs the raw call on the same process group")
-    gloo_table_report(rounds=_option("--rounds", 600), reps=_option("--reps", 7))
+    gloo_table_report(rounds=_option("--rounds", 600), reps=_option("--reps", 12))
 
 
 def _option(flag: str, default: int) -> int:

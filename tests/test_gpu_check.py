@@ -1,18 +1,22 @@
 """scripts/gpu-check and benchmarks/nccl_overhead.py without a GPU: the parts that need none
 (argument parsing, tables, the markdown section) and the clear failure on a machine that cannot
-run the check."""
+run the check; and the balanced call orders of benchmarks/runtime.py."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,3 +181,21 @@ def test_gpu_check_names_a_missing_interpreter() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "no Python interpreter '/nonexistent/python3'" in done.stderr
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(min_value=1, max_value=9))
+def test_the_runtime_benchmark_orders_are_balanced(n: int) -> None:
+    # benchmarks/runtime.py times large calls in these orders: each implementation in each
+    # position, and after each other one, equally often (a Williams design)
+    runtime = _load("runtime", ROOT / "benchmarks" / "runtime.py")
+    names = [f"impl{i}" for i in range(n)]
+    orders = runtime.balanced_orders(names)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(order) == sorted(names) for order in orders)
+    positions = Counter((name, i) for order in orders for i, name in enumerate(order))
+    assert set(positions.values()) == {len(orders) // n}
+    assert len(positions) == n * n
+    pairs = Counter(pair for order in orders for pair in itertools.pairwise(order))
+    assert len(pairs) == n * (n - 1)
+    assert set(pairs.values()) == ({len(orders) // n} if n > 1 else set())
