@@ -11,8 +11,8 @@
 5. every collective on gloo (4 ranks, 4 B and 64 MiB per rank): topo allocating, topo with
    ``out=``, the raw call on the same process group and torch.distributed's function on it
    (``--gloo`` runs only this; ``--rounds N``: 4 B calls of each, interleaved call by call,
-   default 600; ``--reps N``: 64 MiB calls of each, default 12: whole balanced orders for
-   3 and 4 implementations).
+   default 600; ``--reps N``: 64 MiB calls of each, default 12, in an order where each
+   implementation follows each other one equally often).
 
 Run: ``python benchmarks/runtime.py`` (a few minutes on 2 cores); ``--small`` runs only
 section 1 (under a minute). topo and raw calls are interleaved in blocks (in section 5 at
@@ -266,7 +266,8 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
     Small messages (under 1 MiB): ``reps`` rounds of single calls, each round calling every
     implementation once in turn (the order rotates), each call timed on its own: the
     implementations share the machine's noise call by call, and the figure is the median
-    over calls. Large ones: ``reps`` timed calls of each, in alternating order."""
+    over calls. Large ones: ``reps`` timed calls of each, in a balanced order
+    (:func:`balanced_sequence`)."""
     import torch.distributed as torch_dist
 
     import topo._dist as dist
@@ -409,46 +410,49 @@ def _calls_interleaved(calls: dict[str, Any], rounds: int) -> dict[str, list[flo
     return times
 
 
-def balanced_orders(names: Sequence[str]) -> list[tuple[str, ...]]:
-    """Orders of ``names`` (a Williams design) in which each name takes each position equally
-    often and follows each other name equally often: ``n`` orders for an even ``n``, ``2n``
-    for an odd one. A large call leaves the machine changed for the next (freed memory, cold
-    caches), so a comparison of a few reps must not let one implementation always follow the
-    same other, nor let one go first more often (the first ``reps`` of all permutations do).
+def balanced_sequence(names: Sequence[str], each: int) -> list[str]:
+    """A sequence of calls of ``names`` with at least ``each`` calls of every name, in which
+    every name follows every other name equally often, once the sequence's last name is
+    called (untimed) before it: an Eulerian circuit through every ordered pair of distinct
+    names, repeated. A large call leaves the machine changed for the next one (freed memory,
+    cold caches), so a comparison of a few calls must not let one implementation follow
+    another more often than the rest (the first few permutations of all orders do).
 
     Example::
 
-        balanced_orders("abcd")   # [('a','b','d','c'), ('b','c','a','d'), ('c','d','b','a'), ...]
+        balanced_sequence("abc", 2)   # ['a', 'c', 'b', 'c', 'a', 'b']: then 'b' -> 'a' again
     """
     n = len(names)
-    first, low, high = [0], 1, n - 1
-    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
-        first.append(low)
-        low += 1
-        if len(first) < n:
-            first.append(high)
-            high -= 1
-    rows = [[(i + shift) % n for i in first] for shift in range(n)]
-    if n % 2:
-        rows += [row[::-1] for row in rows]
-    return [tuple(names[i] for i in row) for row in rows]
+    if n == 1:
+        return [names[0]] * each
+    unused = {a: [b for b in range(n) if b != a] for a in range(n)}  # the edges left
+    stack, circuit = [0], []
+    while stack:  # Hierholzer's algorithm on the complete directed graph
+        here = stack[-1]
+        if unused[here]:
+            stack.append(unused[here].pop())
+        else:
+            circuit.append(stack.pop())
+    cycle = circuit[::-1][:-1]  # n(n-1) calls: each name n-1 times; it ends where it began
+    rounds = -(-each // (n - 1))
+    return [names[i] for i in cycle * rounds]
 
 
 def _calls_alternating(calls: dict[str, Any], reps: int, pg: Any) -> dict[str, list[float]]:
-    """Each implementation's call times over ``reps`` calls of each, in balanced orders
-    (:func:`balanced_orders`), each call started together (a barrier before it)."""
+    """Each implementation's call times over at least ``reps`` calls of each, in the order of
+    :func:`balanced_sequence`, each call started together (a barrier before it)."""
     import topo._dist as dist
 
     barrier = dist.BarrierOptions()
     times: dict[str, list[float]] = {k: [] for k in calls}
-    orders = balanced_orders(list(calls))
-    for rep in range(reps):
-        for which in orders[rep % len(orders)]:
-            fn = calls[which]
-            pg.barrier(barrier).wait()
-            start = time.perf_counter()
-            fn()
-            times[which].append(time.perf_counter() - start)
+    sequence = balanced_sequence(list(calls), reps)
+    calls[sequence[-1]]()  # untimed: the first timed call follows it, as in every later round
+    for which in sequence:
+        fn = calls[which]
+        pg.barrier(barrier).wait()
+        start = time.perf_counter()
+        fn()
+        times[which].append(time.perf_counter() - start)
     return times
 
 
@@ -475,7 +479,7 @@ def gloo_table_report(rounds: int, reps: int) -> None:
         how = (
             f"median of {count} calls of each, interleaved call by call"
             if nbytes < (1 << 20)
-            else f"median of {count} calls of each, alternating"
+            else f"median of {count} calls of each, in a balanced order"
         )
         print(f"\n{nbytes} bytes per rank, {ranks} ranks ({how}; slowest rank per call; raw = the "
               f"same ProcessGroupGloo, preallocated outputs; torch = torch.distributed on "

@@ -1,6 +1,6 @@
 """scripts/gpu-check and benchmarks/nccl_overhead.py without a GPU: the parts that need none
 (argument parsing, tables, the markdown section) and the clear failure on a machine that cannot
-run the check; and the balanced call orders of benchmarks/runtime.py."""
+run the check; and the balanced call order of benchmarks/runtime.py."""
 
 from __future__ import annotations
 
@@ -183,19 +183,27 @@ def test_gpu_check_names_a_missing_interpreter() -> None:
     assert "no Python interpreter '/nonexistent/python3'" in done.stderr
 
 
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(min_value=1, max_value=9))
-def test_the_runtime_benchmark_orders_are_balanced(n: int) -> None:
-    # benchmarks/runtime.py times large calls in these orders: each implementation in each
-    # position, and after each other one, equally often (a Williams design)
-    runtime = _load("runtime", ROOT / "benchmarks" / "runtime.py")
+@pytest.fixture(scope="module")
+def runtime_bench() -> ModuleType:
+    return _load("runtime", ROOT / "benchmarks" / "runtime.py")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(min_value=1, max_value=9), each=st.integers(min_value=1, max_value=20))
+def test_the_runtime_benchmark_calls_are_balanced(
+    runtime_bench: ModuleType, n: int, each: int
+) -> None:
+    # benchmarks/runtime.py times its large calls in this order (after an untimed call of the
+    # last one): every implementation as often, and after each other one equally often
     names = [f"impl{i}" for i in range(n)]
-    orders = runtime.balanced_orders(names)
-    assert len(orders) == (n if n % 2 == 0 else 2 * n)
-    assert all(sorted(order) == sorted(names) for order in orders)
-    positions = Counter((name, i) for order in orders for i, name in enumerate(order))
-    assert set(positions.values()) == {len(orders) // n}
-    assert len(positions) == n * n
-    pairs = Counter(pair for order in orders for pair in itertools.pairwise(order))
-    assert len(pairs) == n * (n - 1)
-    assert set(pairs.values()) == ({len(orders) // n} if n > 1 else set())
+    sequence = runtime_bench.balanced_sequence(names, each)
+    counts = Counter(sequence)
+    assert set(counts) == set(names)
+    assert len(set(counts.values())) == 1 and each <= counts[names[0]] < each + max(n - 1, 1)
+    pairs = Counter(itertools.pairwise([sequence[-1], *sequence]))
+    if n == 1:
+        assert set(pairs) == {(names[0], names[0])}
+    else:
+        assert len(pairs) == n * (n - 1)  # every ordered pair of distinct names, none twice in a row
+        assert all(a != b for a, b in pairs)
+        assert len(set(pairs.values())) == 1

@@ -320,7 +320,8 @@ def into_same_shape(
     """``operation(x, arg)`` over ``comm`` (``None``: a group of one) — ``"all_reduce"`` with
     its op or ``"broadcast"`` with its root: a result of ``x``'s shape — written into the
     caller's ``out``, checked: through the communicator's ``<operation>_into`` when both are
-    contiguous (``out`` may be ``x``: in place, no allocation), else through a copy.
+    contiguous and ``out`` has no lazy ``conj()``/negative bit (:func:`direct_out`; ``out``
+    may be ``x``: in place, no allocation), else through a copy.
 
     Example::
 

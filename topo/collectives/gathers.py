@@ -64,7 +64,8 @@ def all_gather(
             except AttributeError:
                 pass
             else:
-                return into(x if x.is_contiguous() else x.contiguous(), out)  # type: ignore[no-any-return]
+                flat = x if x.is_contiguous() else x.contiguous()
+                return into(flat, out)  # type: ignore[no-any-return]
         stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out
         return concat_chunks(stacked, d, out)
     if comm is None:

@@ -43,7 +43,10 @@ def broadcast(
         return result_into(call("broadcast", x, key, n, root), out, x, "broadcast")
     comm, n = found
     # check_index's common case inlined (an int index within the axis): no call
-    root = src if type(src) is int and 0 <= src < n else check_index(src, n, "broadcast", "src", axis)
+    if type(src) is int and 0 <= src < n:
+        root = src
+    else:
+        root = check_index(src, n, "broadcast", "src", axis)
     if out is not None:
         return into_same_shape(comm, x, out, "broadcast", root)
     if comm is None:  # a group of one
