@@ -366,7 +366,7 @@ def gloo_every_collective(nbytes: int, reps: int) -> dict[str, dict[str, list[fl
         "broadcast": {"topo": lambda: topo.broadcast(x, names),
                       # in place, as the raw call (every rank's x holds the same ones)
                       "topo out=": lambda: topo.broadcast(x, names, out=x),
-                      "raw": lambda: pg.broadcast([out], bcast).wait(),
+                      "raw": lambda: pg.broadcast([x], bcast).wait(),  # the same buffer
                       "torch": torch_broadcast},
         "all_to_all": {"topo": lambda: topo.all_to_all(x, names),
                        "raw": lambda: pg.alltoall_base(out, x, [], [],
