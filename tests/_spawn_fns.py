@@ -568,3 +568,25 @@ def recv_into_views() -> dict[str, Any]:
         "buf": buf.tolist(),
         "backward refused": refused,
     }
+
+
+def shared_gloo_devices() -> dict[str, Any]:
+    """In a fresh dp×tp activation: which gloo devices the axis and pair communicators run
+    over, the collectives' results over both axes, and what is shared after the close."""
+    world = topo.current().world
+    mesh = topo.DeviceMesh(dp=2, tp=2)
+    with mesh.activate(name="shared-devices") as ctx:
+        x = torch.tensor([float(world.rank + 1)])
+        sums = {axis: topo.all_reduce(x, axis).item() for axis in ("dp", "tp")}
+        peer = 1 - topo.axis_index("tp")
+        if peer == 1:
+            topo.send(x, "tp", dst=peer)
+            received = None
+        else:
+            received = topo.recv((1,), torch.float32, "tp", src=peer).item()
+        comms = [ctx.communicator(("dp",), "cpu"), ctx.communicator(("tp",), "cpu"),
+                 ctx.pair_communicator(("tp",), peer, "cpu")]  # fmt: skip
+        shared = list(ctx.coordinator.shared.values())
+        same = [comm.devices is shared[0] for comm in comms]  # type: ignore[attr-defined]
+    return {"sums": sums, "received": received, "entries": len(shared), "same": same,
+            "after": dict(ctx.coordinator.shared)}  # fmt: skip

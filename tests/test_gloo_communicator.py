@@ -1,5 +1,6 @@
 """The gloo communicator itself, on a one-rank group in this process: a closed one refuses
-every collective with the error that says so, without recording a call it did not make."""
+every collective with the error that says so, without recording a call it did not make; and
+the network devices an activation's communicators share."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import _spawn_fns
 import pytest
 import torch
 import torch.distributed as dist
 
-from topo.communicators.gloo import GlooCommunicator
+import topo
+from topo.communicators.gloo import GlooCommunicator, shared_devices
 from topo.errors import CommunicationError, TopoValueError
 
 CALLS: dict[str, Callable[[GlooCommunicator, torch.Tensor], Any]] = {
@@ -71,3 +74,41 @@ def test_broadcast_refuses_a_source_outside_the_group(src: int) -> None:
         assert comm.flight.calls == 0
     finally:
         comm.close()
+
+
+def test_communicators_given_shared_devices_run_over_the_same_ones() -> None:
+    shared: dict[object, object] = {}
+    comms = [
+        GlooCommunicator(
+            dist.HashStore(), ranks=(0,), index=0, timeout=timedelta(seconds=30), local=True,
+            label=f"group {i}", devices=shared_devices(shared, local=True),
+        )
+        for i in range(3)
+    ]
+    try:
+        assert len(shared) == 1
+        (devices,) = shared.values()
+        assert all(comm.devices is devices for comm in comms)
+        for i, comm in enumerate(comms):
+            assert comm.all_reduce(torch.tensor([float(i)]), "sum").item() == float(i)
+        own = GlooCommunicator(
+            dist.HashStore(), ranks=(0,), index=0, timeout=timedelta(seconds=30), local=True,
+            label="its own",
+        )  # fmt: skip
+        assert own.devices is not devices  # no shared ones given: a device of its own
+        own.close()
+    finally:
+        for comm in comms:
+            comm.close()
+
+
+def test_an_activations_communicators_share_one_device_until_it_closes() -> None:
+    results = topo.spawn(_spawn_fns.shared_gloo_devices, topo.DeviceMesh(w=4), timeout=120)
+    for rank, seen in enumerate(results):
+        dp, tp = divmod(rank, 2)
+        # reference from every rank's input (rank + 1): the other index along each axis
+        assert seen["sums"] == {"dp": (rank + 1) + (2 * (1 - dp) + tp + 1),
+                                "tp": (rank + 1) + (2 * dp + (1 - tp) + 1)}  # fmt: skip
+        assert seen["received"] == (None if tp == 0 else float(rank))  # index 0 sent rank + 1
+        assert seen["entries"] == 1 and seen["same"] == [True, True, True]
+        assert seen["after"] == {}

@@ -440,6 +440,7 @@ class MeshContext:
             unwrapped += [ch._comm for ch in self._check_channels.values() if ch._comm]
             for comm in {id(c): c for c in unwrapped}.values():
                 comm.close(abort=abort)
+            self.coordinator.shared.clear()  # after the communicators that share it
             self._routes.clear()
             self._pair_routes.clear()
             self._communicators.clear()

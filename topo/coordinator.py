@@ -81,6 +81,10 @@ class Coordinator:
         #: Every communicator of the activation: store scope -> (label, flight recorder); the
         #: roll call after a failure publishes them (see topo.communicators.recorder).
         self.flights: dict[str, tuple[str, Any]] = {}
+        #: What the activation's communicators share, by key (gloo's network devices, see
+        #: topo.communicators.gloo.shared_devices); the context empties it once it has closed
+        #: them.
+        self.shared: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ joining
 

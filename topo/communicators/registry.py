@@ -181,7 +181,7 @@ class Backend(NamedTuple):
 
 
 def _gloo(group: GroupSpec) -> Communicator:
-    from topo.communicators.gloo import GlooCommunicator
+    from topo.communicators.gloo import GlooCommunicator, shared_devices
     from topo.communicators.rollcall import RollCall
 
     roll_call = RollCall(
@@ -201,6 +201,7 @@ def _gloo(group: GroupSpec) -> Communicator:
         group.world.is_local,
         group.label,
         roll_call,
+        devices=shared_devices(group.coordinator.shared, group.world.is_local),
     )
 
 
