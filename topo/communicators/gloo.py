@@ -274,8 +274,12 @@ class GlooCommunicator:
     def broadcast_into(self, x: torch.Tensor, src: int, out: torch.Tensor) -> torch.Tensor:
         """:meth:`broadcast` written into ``out`` (contiguous, ``x``'s shape and dtype; may be
         ``x`` itself): no allocation, gloo moves the caller's memory."""
-        # _root's check inlined where it passes (a negative src would index from the end)
-        options = self._broadcast_options[src] if 0 <= src < self.size else self._root(src)
+        if not 0 <= src < self.size:  # checked: the list would take -1 as the last
+            raise TopoValueError(
+                f"broadcast on {self.label} requires a source index 0 <= src < {self.size}, "
+                f"but got {src}; pass the root's index within the group, not a global rank"
+            )
+        options = self._broadcast_options[src]
         if self.index == src and out is not x:
             out.copy_(x)
         pg = self._pg if self._pg is not None else self.pg  # closed: raises, nothing recorded
@@ -285,15 +289,6 @@ class GlooCommunicator:
             moved = _as_bytes(out)
             self._run("broadcast", (moved,), out, pg.broadcast, [moved], options)
         return out
-
-    def _root(self, src: int) -> dist.BroadcastOptions:
-        """The broadcast options of root ``src`` (checked: the list would take -1 as the last)."""
-        if not 0 <= src < self.size:
-            raise TopoValueError(
-                f"broadcast on {self.label} requires a source index 0 <= src < {self.size}, "
-                f"but got {src}; pass the root's index within the group, not a global rank"
-            )
-        return self._broadcast_options[src]
 
     def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
         opts = dist.GatherOptions()
