@@ -437,16 +437,24 @@ def fake_overhead(
         comm._stream = lambda: 0  # the stub stream handle
         ctx._communicators[(names, "cpu", pair)] = comm  # type: ignore[assignment]
     table = call_table(NoopComm(), NoopNccl, None, cpu, me, lambda: 0, elements)
+    if turn is not None:  # no group: its creation would still run while the first rank times
+        try:
+            with turn:
+                return _time_blocks(table, blocks, calls, lambda: None, lambda: None)
+        finally:
+            _forget_fakes(ctx, names)
     gloo = ctx._create(names, "cpu", None)  # a real group, to start each collective together
     try:
-        if turn is None:
-            return _time_blocks(table, blocks, calls, lambda: None, gloo.barrier)
-        with turn:
-            return _time_blocks(table, blocks, calls, lambda: None, lambda: None)
+        return _time_blocks(table, blocks, calls, lambda: None, gloo.barrier)
     finally:
         gloo.close()
-        for pair in (None, (0, 1)):
-            del ctx._communicators[(names, "cpu", pair)]  # nothing to close: no-op cupy
+        _forget_fakes(ctx, names)
+
+
+def _forget_fakes(ctx: Any, names: tuple[str, ...]) -> None:
+    """Take the no-op communicators out of ``ctx`` (nothing to close: no-op cupy)."""
+    for pair in (None, (0, 1)):
+        del ctx._communicators[(names, "cpu", pair)]
 
 
 def two_rank_sweep(sizes: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:

@@ -125,6 +125,8 @@ COLLECTIVES: list[tuple[str, Callable[[], object], type[BaseException], str]] = 
     ("sparse csr", lambda: topo.all_gather(torch.eye(2).to_sparse_csr(), "tp"), TopoType, "dense"),
     ("nested", lambda: topo.broadcast(_nested(), "tp"), TopoType, "nested"),
     ("quantized", lambda: topo.all_reduce(_quantized(), "tp"), TopoType, "dequantize"),
+    ("quantized gather", lambda: topo.all_gather(_quantized(), "tp"), TopoType, "dequantize"),
+    ("quantized scatter", lambda: topo.reduce_scatter(_quantized(), "tp"), TopoType, "dequantize"),
     ("unknown axis", lambda: topo.all_reduce(torch.ones(1), "dp"), TopoValue, "'tp'"),
     ("axis int", lambda: topo.all_reduce(torch.ones(1), 3), TopoType, "axis"),
     ("dim range", lambda: topo.all_gather(torch.ones(2), "tp", dim=5), TopoValue, "-1 <= dim < 1"),

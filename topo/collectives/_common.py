@@ -95,18 +95,18 @@ def route(
             ...  # the custom op's path
         comm, n = found
     """
-    if (
-        type(x) is _TENSOR and x.layout is _STRIDED and not x.is_nested and not x.is_quantized
-    ):
+    if type(x) is _TENSOR and x.layout is _STRIDED and not x.is_nested:
         # _is_compiling() before the bits: dynamo cannot trace is_conj() (a bool, not a tensor)
         if (x.requires_grad and _grad_enabled()) or _is_compiling() or x.is_conj() or x.is_neg():
             return None
         device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else None
         try:
             routes = _ACTIVE.get()[-1]._routes
-            if op is NO_REDUCTION:
+            if op is not NO_REDUCTION:
+                # a (dtype, op) accepted before: a quantized dtype never is (locate raises)
+                return routes[axis, device, x.dtype, op]
+            if not x.is_quantized:
                 return routes[axis, device]
-            return routes[axis, device, x.dtype, op]  # a (dtype, op) accepted before
         except (IndexError, KeyError, TypeError):  # no activation; not seen yet; unhashable
             pass
     elif needs_op(x):

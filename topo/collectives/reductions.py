@@ -84,9 +84,8 @@ def reduce_scatter(
         return _reduce_scatter_op(x, axis, dim, op, out)
     comm, n = found
     shape = x.shape
-    # check_dim's common case inlined (a non-negative int dim): no call
-    d = dim if type(dim) is int and 0 <= dim < len(shape) else check_dim(x, dim, "reduce_scatter")
-    if d == 0 and comm is not None and shape[0] % n == 0:  # chunks already laid along dim 0
+    # chunks already laid along dim 0 (dim 0 given as an int, x not 0-d): no dim check to call
+    if type(dim) is int and dim == 0 and shape and comm is not None and shape[0] % n == 0:
         flat = x if x.is_contiguous() else x.contiguous()
         if out is None:
             try:  # an attribute, not getattr(..., None): 0.1 µs less per call
@@ -106,7 +105,7 @@ def reduce_scatter(
                     pass
                 else:
                     return into(flat, op, out)  # type: ignore[no-any-return]
-    stacked = stack_chunks(x, d, n, "reduce_scatter", axis)
+    stacked = stack_chunks(x, check_dim(x, dim, "reduce_scatter"), n, "reduce_scatter", axis)
     if out is not None:
         check_out(out, x, stacked.shape[1:], "reduce_scatter")
     y = stacked[0].clone() if comm is None else comm.reduce_scatter(stacked, op)
