@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # 
 import _all_to_allv_fns
 import _autograd_fns
 import _gpu_fns
+import _spawn_fns
 import _transport_fns
 import moe_ep
 
@@ -328,6 +329,12 @@ def graphs(device: str) -> dict[str, Any]:
     return out
 
 
+def out_versions(device: str) -> dict[str, Any]:
+    """Every ``out=`` collective moves the buffer's version counter (NCCL and gloo write it
+    behind autograd's back), so a graph that saved the buffer refuses it at backward."""
+    return _spawn_fns.out_writes_bump_versions(device)
+
+
 def watchdog(device: str) -> dict[str, Any]:
     """An activation with the NCCL watchdog on: collectives give the same results and the
     watchdog reports nothing."""
@@ -361,6 +368,7 @@ PATHS: dict[str, Callable[[str], Any]] = {
     "Megatron regions": regions,
     "torch.compile forward + backward": compiled,
     "CUDA graphs": graphs,
+    "out= versions": out_versions,
     "watchdog": watchdog,
 }
 

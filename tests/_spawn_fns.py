@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -590,3 +591,33 @@ def shared_gloo_devices() -> dict[str, Any]:
         same = [comm.devices is shared[0] for comm in comms]  # type: ignore[attr-defined]
     return {"sums": sums, "received": received, "entries": len(shared), "same": same,
             "after": dict(ctx.coordinator.shared)}  # fmt: skip
+
+
+def out_writes_bump_versions(device: str = "cpu") -> dict[str, list[bool]]:
+    """Every ``out=`` collective over "tp", into a contiguous buffer (the communicator writes
+    into its memory) or in place: ``[the buffer's version moved, a graph that saved the buffer
+    before refused it at backward]`` — what a torch op's ``out=`` gives."""
+    dev = topo.current().device if device == "cuda" else torch.device("cpu")
+    n = topo.axis_size("tp")
+    x = torch.ones(4, device=dev)
+    cases: dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], object]]] = {
+        "all_reduce in place": (x.clone(), lambda b: topo.all_reduce(b, "tp", out=b)),
+        "all_reduce": (x.clone(), lambda b: topo.all_reduce(x, "tp", out=b)),
+        "broadcast in place": (x.clone(), lambda b: topo.broadcast(b, "tp", src=0, out=b)),
+        "broadcast": (x.clone(), lambda b: topo.broadcast(x, "tp", src=0, out=b)),
+        "all_gather": (x.repeat(n), lambda b: topo.all_gather(x, "tp", out=b)),
+        "reduce_scatter": (x.clone(), lambda b: topo.reduce_scatter(x.repeat(n), "tp", out=b)),
+    }
+    got = {}
+    for name, (buffer, write) in cases.items():
+        w = torch.ones_like(buffer, requires_grad=True)
+        loss = (buffer * w).sum()  # saves buffer for w's gradient
+        version = buffer._version
+        write(buffer)
+        try:
+            loss.backward()
+            refused = False
+        except RuntimeError as error:
+            refused = "inplace operation" in str(error)
+        got[name] = [buffer._version > version, refused]
+    return got

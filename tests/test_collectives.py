@@ -466,6 +466,49 @@ def test_recv_into_a_conj_view_and_under_autograd(spawn_timeout: int) -> None:
     }
 
 
+def test_out_writes_bump_the_version_on_gloo_and_threads(spawn_timeout: int) -> None:
+    """A communicator writing into ``out`` is an in-place op autograd cannot see: topo moves
+    ``out``'s version counter itself, so a graph that saved ``out`` refuses it at backward (a
+    silently wrong gradient otherwise), on gloo processes and on simulate's threads alike."""
+    every = {name: [True, True] for name in (
+        "all_reduce in place", "all_reduce", "broadcast in place", "broadcast", "all_gather",
+        "reduce_scatter",
+    )}  # fmt: skip
+    assert topo.spawn(fns.out_writes_bump_versions, DeviceMesh(tp=2), timeout=spawn_timeout) == [
+        every,
+        every,
+    ]
+    assert topo.simulate(DeviceMesh(tp=2), fns.out_writes_bump_versions) == [every, every]
+
+
+def test_the_version_bump_takes_torch_2_4s_one_tensor_binding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch 2.4's ``_increment_version`` took one tensor (2.5 made it take an iterable), and
+    refused a tensor made under inference mode; topo's bump asks which it has."""
+    from topo.collectives import _common
+
+    real = torch._C._increment_version
+
+    def one_tensor(tensor: object) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise RuntimeError("increment_version expect a Tensor as input")
+        if tensor.is_inference():
+            raise RuntimeError("Inference tensors do not track version counter.")
+        real((tensor,))
+
+    monkeypatch.setattr(torch._C, "_increment_version", one_tensor)
+    bump = _common._version_bumper()
+    x = torch.zeros(2)
+    with torch.inference_mode():
+        frozen = torch.zeros(2)
+    version = x._version
+    bump((x, frozen))
+    assert x._version == version + 1
+    monkeypatch.setattr(torch._C, "_increment_version", real)
+    assert _common._version_bumper() is real
+
+
 def _lazy_view_expectations(me: int) -> dict[str, Any]:
     """What index ``me`` of 2 must read back from :func:`lazy.lazy_views`, computed from both
     ranks' plain inputs."""

@@ -242,3 +242,40 @@ def test_install_hint_follows_this_torchs_cuda(
         assert "topo[nccl-cu12]" in hint and "topo[nccl-cu13]" in hint and "CUDA none" in hint
     else:
         assert f"topo[nccl-cu{cuda.split('.')[0]}]" in hint
+
+
+def _over_fake_nccl(fake: Any) -> dict[str, list[bool]]:
+    """:func:`_spawn_fns.out_writes_bump_versions` with this rank's "tp" communicator replaced
+    by topo's NCCL communicator over a 2-rank strict fake cupy (it moves nothing between ranks:
+    the versions are what this checks)."""
+    import _spawn_fns
+
+    ctx = topo.current()
+    me = ctx.axis_index("tp")
+    raw = fake.NcclCommunicator(2, nccl_mod.unique_id_argument(  # type: ignore[attr-defined]
+        nccl_mod.encode_unique_id(fake.get_unique_id())), me)  # type: ignore[attr-defined]  # fmt: skip
+    comm = nccl_mod.NcclCommunicator(
+        fake, raw, ctx.group("tp"), me, torch.device("cpu"), "axis 'tp' (fake cupy)"
+    )
+    comm._stream = lambda: 0  # type: ignore[method-assign]
+    ctx._communicators[(("tp",), "cpu", None)] = comm  # type: ignore[assignment]
+    ctx._routes.clear()
+    got = _spawn_fns.out_writes_bump_versions()
+    assert [call[0] for call in raw.calls] == [
+        "allReduce", "allReduce", "broadcast", "broadcast", "allGather", "reduceScatter"
+    ]  # fmt: skip
+    return got
+
+
+def test_nccl_out_writes_bump_the_version(
+    monkeypatch: pytest.MonkeyPatch, cupy_major: int
+) -> None:
+    """NCCL writes ``out=`` through a pointer: topo moves its version counter, as gloo's and a
+    torch op's ``out=`` do (tests/test_collectives.py), so autograd refuses a saved ``out``."""
+    every = {name: [True, True] for name in (
+        "all_reduce in place", "all_reduce", "broadcast in place", "broadcast", "all_gather",
+        "reduce_scatter",
+    )}  # fmt: skip
+    fake = _fake_cupy.make_nccl(cupy_major)
+    _fake_cupy.install(monkeypatch, fake)
+    assert topo.simulate(topo.DeviceMesh(tp=2), _over_fake_nccl, fake) == [every, every]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from topo.collectives._common import (
+    bump_versions,
     check_dim,
     check_index,
     check_out,
@@ -64,8 +65,9 @@ def all_gather(
             except AttributeError:
                 pass
             else:
-                flat = x if x.is_contiguous() else x.contiguous()
-                return into(flat, out)  # type: ignore[no-any-return]
+                into(x if x.is_contiguous() else x.contiguous(), out)
+                bump_versions((out,))  # written behind autograd's back
+                return out
         stacked = comm.all_gather(x.contiguous())  # (n, *x.shape): one copy into out
         return concat_chunks(stacked, d, out)
     if comm is None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.graph import increment_version
 
 from topo._checks import as_bool, as_int
 from topo.active import _ACTIVE, find_context
 from topo.collectives._common import (
+    bump_versions,
     check_index,
     check_peer,
     check_tensor,
@@ -110,7 +110,7 @@ def recv(
     comm = _pair_route(axis, src, "recv", "src", kind)
     if out is not None and direct:  # the bytes land in out itself
         comm.exchange([], [(1 - comm.index, out)])
-        increment_version(out)  # written in place, as by an in-place op: autograd sees it
+        bump_versions((out,))  # written in place, as by an in-place op: autograd sees it
         return out
     pool = getattr(comm, "buffers", None)  # large CPU buffers: reused pages (gloo)
     buffer: torch.Tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from topo.collectives._common import (
+    bump_versions,
     check_dim,
     check_out,
     check_reduce,
@@ -104,7 +105,9 @@ def reduce_scatter(
                 except AttributeError:
                     pass
                 else:
-                    return into(flat, op, out)  # type: ignore[no-any-return]
+                    into(flat, op, out)
+                    bump_versions((out,))  # written behind autograd's back
+                    return out
     stacked = stack_chunks(x, check_dim(x, dim, "reduce_scatter"), n, "reduce_scatter", axis)
     if out is not None:
         check_out(out, x, stacked.shape[1:], "reduce_scatter")
