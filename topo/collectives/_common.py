@@ -59,6 +59,7 @@ def _version_bumper() -> Callable[[tuple[torch.Tensor, ...]], None]:
 #:     comm.all_reduce_into(x, "sum", out)
 #:     bump_versions((out,))
 bump_versions: Callable[[tuple[torch.Tensor, ...]], None] = _version_bumper()
+
 #: ``locate``'s ``op`` when the collective reduces nothing.
 NO_REDUCTION: object = object()
 
