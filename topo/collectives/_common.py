@@ -435,7 +435,9 @@ def direct_out(
     Example::
 
         if direct_out(out, x, (rows,), "reduce_scatter"):
-            return comm.reduce_scatter_into(x, op, out)
+            comm.reduce_scatter_into(x, op, out)
+            bump_versions((out,))  # a direct write: autograd must see it
+            return out
     """
     target = check_out(out, x, shape, operation)
     return target.is_contiguous() and not (target.is_conj() or target.is_neg())

@@ -26,7 +26,8 @@ A communicator may also serve the collectives' fast paths, which they look up wi
   (without it, ``topo/communicators/alltoallv.py`` runs one batch of ``exchange``).
 
 They save the reshapes and copies of the general path; without them the collectives use the
-protocol below.
+protocol below. An ``*_into`` method writes ``out``'s memory and nothing else: the collective
+that called it moves ``out``'s version counter for autograd afterwards.
 """
 
 from __future__ import annotations
